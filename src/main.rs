@@ -1,1 +1,221 @@
-fn main() {}
+// SPDX-License-Identifier: Apache-2.0
+//! `vmm-takeover`: run the source or backup side of a heartbeat link, or the demo.
+//!
+//! Thin by design: parses flags, wires the library's subscribers into an `EventManager`, and prints
+//! lifecycle events as JSON lines on stdout. Logs go to stderr (`RUST_LOG`).
+
+mod cli;
+mod events;
+mod hooks;
+mod offloop;
+mod signals;
+
+use std::cell::{Cell, RefCell};
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use clap::Parser;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use log::error;
+use serde_json::json;
+use vmm_takeover_core::{
+    BackupConfig, BackupMonitor, BackupNotice, SourceConfig, SourceListener, SourceNotice,
+};
+
+use cli::{BackupArgs, Cli, Command, SourceArgs};
+use events::{emit, unix_us};
+use offloop::OffLoop;
+use signals::{SignalKind, Signals};
+
+type Subscriber = Rc<RefCell<dyn MutEventSubscriber>>;
+
+/// Exit code when the takeover hook failed.
+const EXIT_HOOK_FAILED: u8 = 3;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Source(a) => run_source(a),
+        Command::Backup(a) => run_backup(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            error!("{e}");
+            eprintln!("vmm-takeover: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the loop until an observer sets the exit code.
+fn run_loop(em: &mut EventManager<Subscriber>, exit: &Cell<Option<u8>>) -> Result<u8, String> {
+    loop {
+        if let Some(code) = exit.get() {
+            return Ok(code);
+        }
+        em.run().map_err(|e| format!("event loop: {e:?}"))?;
+    }
+}
+
+fn run_source(a: SourceArgs) -> Result<u8, String> {
+    let mut cfg = SourceConfig::new(a.listen, a.pair_id.clone());
+    cfg.keepalive = a.keepalive.spec();
+    cfg.heartbeat = a.heartbeat;
+    let pause = hooks::pause_hook(&a)?;
+    let listener = SourceListener::new(
+        cfg,
+        Box::new(|n: &SourceNotice| match n {
+            SourceNotice::BackupJoined { peer, keepalive } => emit(
+                "backup-joined",
+                json!({"peer": peer.to_string(), "keepalive": keepalive.map(|k| k.to_string())}),
+            ),
+            SourceNotice::BackupLost { peer, why } => {
+                emit("backup-lost", json!({"peer": peer.to_string(), "why": why}))
+            }
+            SourceNotice::BackupRejected { peer, why } => emit(
+                "backup-rejected",
+                json!({"peer": peer.to_string(), "why": why}),
+            ),
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    emit(
+        "listening",
+        json!({"addr": listener.local_addr().to_string(), "pair_id": a.pair_id,
+               "heartbeat_us": a.heartbeat.map(|h| h.as_micros() as u64)}),
+    );
+    let source = Rc::new(RefCell::new(listener));
+    let exit = Rc::new(Cell::new(None));
+    let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
+    em.add_subscriber(source.clone());
+
+    // The pause hook may be slow (QMP `stop`, a shell command): it runs off the loop and HANDOFF
+    // goes out only once it reports success.
+    let (src, ex) = (source.clone(), exit.clone());
+    let handoff_task = Rc::new(RefCell::new(
+        OffLoop::new(Box::new(move |r: Result<(), String>| match r {
+            Ok(()) => {
+                let n = src.borrow_mut().handoff();
+                emit("handoff-sent", json!({"backups": n}));
+                ex.set(Some(0));
+            }
+            Err(e) => {
+                // The local guest may still run: handing off now would risk split brain.
+                error!("pause before handoff failed, staying source: {e}");
+                emit("handoff-failed", json!({"error": e}));
+            }
+        }))
+        .map_err(|e| e.to_string())?,
+    ));
+    em.add_subscriber(handoff_task.clone());
+
+    let (src, ex) = (source.clone(), exit.clone());
+    let mut pause = Some(pause);
+    let sigs = Signals::install(Box::new(move |kind| match kind {
+        SignalKind::Stop => {
+            let n = src.borrow_mut().stand_down();
+            emit("stand-down", json!({"backups": n}));
+            ex.set(Some(0));
+        }
+        SignalKind::Handoff => match pause.take() {
+            Some(mut p) => {
+                emit("handoff-requested", json!({"pause": p.describe()}));
+                handoff_task
+                    .borrow_mut()
+                    .start(move || p.vm_pause().map_err(|e| e.to_string()));
+            }
+            None => log::warn!("handoff already under way"),
+        },
+    }))
+    .map_err(|e| format!("signals: {e}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(sigs)));
+    run_loop(&mut em, &exit)
+}
+
+fn run_backup(a: BackupArgs) -> Result<u8, String> {
+    let mut cfg = BackupConfig::new(a.connect, a.pair_id.clone());
+    cfg.keepalive = a.keepalive.spec();
+    cfg.heartbeat_misses = a.heartbeat_misses;
+    let hook = hooks::start_hook(&a)?;
+    let exit = Rc::new(Cell::new(None));
+    let ex = exit.clone();
+    let monitor = BackupMonitor::new(
+        cfg,
+        hook,
+        Box::new(move |n: &BackupNotice| match n {
+            BackupNotice::Connecting { addr, attempt } => emit(
+                "connecting",
+                json!({"addr": addr.to_string(), "attempt": attempt}),
+            ),
+            BackupNotice::Retrying { why, delay } => emit(
+                "retrying",
+                json!({"why": why, "delay_us": delay.as_micros() as u64}),
+            ),
+            BackupNotice::Armed {
+                peer,
+                keepalive,
+                heartbeat,
+                deadline,
+            } => emit(
+                "armed",
+                json!({
+                    "peer": peer.to_string(),
+                    "keepalive": keepalive.map(|k| json!({
+                        "enabled": k.enabled,
+                        "idle_s": k.idle.as_secs(),
+                        "interval_s": k.interval.as_secs(),
+                        "count": k.count,
+                        "user_timeout_ms": k.user_timeout.map(|u| u.as_millis() as u64),
+                        "bound_ms": k.bound().map(|b| b.as_millis() as u64),
+                    })),
+                    "heartbeat_us": heartbeat.map(|h| h.as_micros() as u64),
+                    "deadline_us": deadline.map(|d| d.as_micros() as u64),
+                }),
+            ),
+            BackupNotice::StandDown => {
+                emit("stand-down", json!({}));
+                ex.set(Some(0));
+            }
+            BackupNotice::Takeover(r) => emit(
+                "takeover",
+                json!({
+                    "reason": r.reason.as_str(),
+                    "pair_id": r.pair_id,
+                    "errno": r.errno,
+                    "armed_at_unix_us": unix_us(r.armed_at),
+                    "detected_at_unix_us": unix_us(r.detected_at),
+                }),
+            ),
+            BackupNotice::HookFinished { result, took } => {
+                let took_us = took.as_micros() as u64;
+                match result {
+                    Ok(()) => {
+                        emit("vm-started", json!({"took_us": took_us}));
+                        ex.set(Some(0));
+                    }
+                    Err(e) => {
+                        emit("vm-start-failed", json!({"error": e, "took_us": took_us}));
+                        ex.set(Some(EXIT_HOOK_FAILED));
+                    }
+                }
+            }
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(monitor)));
+    let ex = exit.clone();
+    // A stopped backup simply leaves; the source sees `backup-lost`.
+    let sigs = Signals::install(Box::new(move |kind| {
+        if kind == SignalKind::Stop {
+            ex.set(Some(0))
+        }
+    }))
+    .map_err(|e| format!("signals: {e}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(sigs)));
+    run_loop(&mut em, &exit)
+}

@@ -1,8 +1,42 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Heartbeat link and takeover core.
+//! Heartbeat link and takeover core for rust-vmm based VMMs.
+//!
+//! - [`source::SourceListener`]: the source VMM's subscriber; listens, handshakes backups, sends
+//!   heartbeats, STAND_DOWN and HANDOFF.
+//! - [`backup::BackupMonitor`]: the backup VMM's subscriber; connects with keepalive tuning, arms the
+//!   link, and calls [`VmStart`] exactly once when the armed link is lost.
+//! - [`link`]: the pure state machine behind every takeover decision.
+//! - [`protocol`]: wire protocol v1.
+//!
+//! Both subscribers implement event-manager's `MutEventSubscriber`: add them to the VMM's own
+//! `EventManager`. Neither ever blocks in `process()`.
 #![deny(missing_docs)]
 
-pub mod hook;
+use std::net::SocketAddr;
 
+pub mod backup;
+pub mod hook;
+pub mod link;
+pub mod protocol;
+pub mod source;
+pub mod timer;
+
+pub use backup::{BackupConfig, BackupMonitor, BackupNotice};
 pub use hook::{HookError, TakeoverReason, TakeoverRecord, VmPause, VmStart};
+pub use link::{LinkEvent, LinkState, SocketFailure, Verdict};
+pub use source::{SourceConfig, SourceListener, SourceNotice};
 pub use vmm_keepalive;
+
+/// Errors from building the subscribers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is out of range; the message says what is allowed.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The listen socket could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// A timerfd or eventfd could not be created.
+    #[error("cannot create timer/eventfd: {0}")]
+    Timer(std::io::Error),
+}

@@ -1,0 +1,574 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The backup side: an event-manager subscriber that connects to the source, arms the link, and
+//! calls the `VmStart` hook exactly once when the armed link is lost.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, error, info, warn};
+use socket2::{Domain, Protocol, Socket, Type};
+use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::hook::{TakeoverReason, TakeoverRecord, VmStart};
+use crate::link::{step, LinkEvent, LinkState, SocketFailure, Verdict};
+use crate::protocol::{validate_pair_id, Frame, FrameReader, ProtocolError};
+use crate::timer::Timer;
+use crate::Error;
+
+const TOKEN_SOCK: u32 = 0;
+const TOKEN_TIMER: u32 = 1;
+const TOKEN_DEADLINE: u32 = 2;
+const TOKEN_HOOK_DONE: u32 = 3;
+
+/// Configuration of a [`BackupMonitor`].
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// The source's heartbeat address.
+    pub connect: SocketAddr,
+    /// The VM pair this backup stands in for.
+    pub pair_id: String,
+    /// Keepalive applied to the socket before connect.
+    pub keepalive: KeepaliveSpec,
+    /// How long the handshake (connect + HELLO → WELCOME) may take.
+    pub handshake_timeout: Duration,
+    /// First retry delay; doubles per failed attempt.
+    pub backoff_min: Duration,
+    /// Cap on the retry delay.
+    pub backoff_max: Duration,
+    /// Heartbeat mode: take over after this many intervals without a HEARTBEAT.
+    pub heartbeat_misses: u32,
+    /// Smallest heartbeat interval this backup accepts in a WELCOME.
+    pub heartbeat_min: Duration,
+    /// Largest heartbeat interval this backup accepts in a WELCOME.
+    pub heartbeat_max: Duration,
+}
+
+impl BackupConfig {
+    /// Defaults for everything but the address and pair id.
+    pub fn new(connect: SocketAddr, pair_id: impl Into<String>) -> Self {
+        BackupConfig {
+            connect,
+            pair_id: pair_id.into(),
+            keepalive: KeepaliveSpec::DEFAULT,
+            handshake_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_secs(1),
+            heartbeat_misses: 3,
+            heartbeat_min: Duration::from_millis(1),
+            heartbeat_max: Duration::from_secs(60),
+        }
+    }
+
+    /// Checks the values that can be wrong.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_pair_id(&self.pair_id).map_err(Error::Config)?;
+        if self.heartbeat_misses == 0 {
+            return Err(Error::Config(
+                "heartbeat misses must be at least 1".to_string(),
+            ));
+        }
+        if self.handshake_timeout.is_zero() || self.backoff_min.is_zero() {
+            return Err(Error::Config(
+                "handshake timeout and backoff must be above zero".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What the backup reports to its owner.
+#[derive(Debug)]
+pub enum BackupNotice<'a> {
+    /// A connect attempt started.
+    Connecting {
+        /// Source address.
+        addr: SocketAddr,
+        /// 1 for the first attempt.
+        attempt: u64,
+    },
+    /// The attempt failed; the next starts after `delay`.
+    Retrying {
+        /// What went wrong.
+        why: String,
+        /// Backoff before the next attempt.
+        delay: Duration,
+    },
+    /// The link armed: from now on its loss means takeover.
+    Armed {
+        /// The source's address.
+        peer: SocketAddr,
+        /// Keepalive values read back from the socket.
+        keepalive: Option<EffectiveKeepalive>,
+        /// Heartbeat interval announced by the source.
+        heartbeat: Option<Duration>,
+        /// The heartbeat deadline (`interval × misses`), in heartbeat mode.
+        deadline: Option<Duration>,
+    },
+    /// The source stood down in order: nothing runs.
+    StandDown,
+    /// Takeover decided; `vm_start` is being called off the loop.
+    Takeover(&'a TakeoverRecord),
+    /// `vm_start` returned.
+    HookFinished {
+        /// `Err` carries the hook's error text.
+        result: Result<(), String>,
+        /// How long `vm_start` took.
+        took: Duration,
+    },
+}
+
+/// Receives [`BackupNotice`]s on the event loop. Must not block.
+pub type BackupObserver = Box<dyn FnMut(&BackupNotice<'_>)>;
+
+type HookResult = (Result<(), String>, Duration);
+
+/// The backup's event-manager subscriber.
+pub struct BackupMonitor {
+    cfg: BackupConfig,
+    state: LinkState,
+    sock: Option<Socket>,
+    reader: FrameReader,
+    /// Retry backoff and handshake timeout share one timer: the state says which it is.
+    timer: Timer,
+    deadline_timer: Timer,
+    hook: Option<Box<dyn VmStart>>,
+    hook_done: EventFd,
+    hook_rx: Option<mpsc::Receiver<HookResult>>,
+    observer: BackupObserver,
+    attempt: u64,
+    backoff: Duration,
+    armed_at: Option<SystemTime>,
+    keepalive: Option<EffectiveKeepalive>,
+    heartbeat: Option<Duration>,
+    deadline: Option<Duration>,
+    last_heartbeat: Instant,
+    record: Option<TakeoverRecord>,
+    last_errno: Option<i32>,
+}
+
+impl BackupMonitor {
+    /// Creates the monitor; it starts connecting when registered with an `EventManager`.
+    pub fn new(
+        cfg: BackupConfig,
+        hook: Box<dyn VmStart>,
+        observer: BackupObserver,
+    ) -> Result<Self, Error> {
+        cfg.validate()?;
+        Ok(BackupMonitor {
+            backoff: cfg.backoff_min,
+            cfg,
+            state: LinkState::Connecting,
+            sock: None,
+            reader: FrameReader::new(),
+            timer: Timer::new().map_err(Error::Timer)?,
+            deadline_timer: Timer::new().map_err(Error::Timer)?,
+            hook: Some(hook),
+            hook_done: EventFd::new(EFD_NONBLOCK).map_err(Error::Timer)?,
+            hook_rx: None,
+            observer,
+            attempt: 0,
+            armed_at: None,
+            keepalive: None,
+            heartbeat: None,
+            deadline: None,
+            last_heartbeat: Instant::now(),
+            record: None,
+            last_errno: None,
+        })
+    }
+
+    /// Where the link is.
+    pub fn state(&self) -> LinkState {
+        self.state
+    }
+
+    /// The takeover record, once the backup took over.
+    pub fn record(&self) -> Option<&TakeoverRecord> {
+        self.record.as_ref()
+    }
+
+    fn connect(&mut self, ops: &mut EventOps) {
+        self.attempt += 1;
+        (self.observer)(&BackupNotice::Connecting {
+            addr: self.cfg.connect,
+            attempt: self.attempt,
+        });
+        match self.try_connect() {
+            Ok(sock) => {
+                if let Err(e) = ops.add(Events::with_data(
+                    &sock,
+                    TOKEN_SOCK,
+                    EventSet::OUT | EventSet::IN | EventSet::READ_HANG_UP,
+                )) {
+                    error!("cannot register the heartbeat socket: {e:?}");
+                }
+                self.sock = Some(sock);
+                // The handshake deadline covers connect + HELLO → WELCOME.
+                let _ = self.timer.arm(self.cfg.handshake_timeout, None);
+            }
+            Err(e) => {
+                let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
+                self.handle(ops, LinkEvent::Failed(f), &format!("connect: {e}"));
+            }
+        }
+    }
+
+    fn try_connect(&self) -> io::Result<Socket> {
+        let sock = Socket::new(
+            Domain::for_address(self.cfg.connect),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        // Keepalive goes on before connect so that the very first idle period already counts.
+        self.cfg
+            .keepalive
+            .apply(&sock)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        sock.set_tcp_nodelay(true)?;
+        match sock.connect(&self.cfg.connect.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(sock)
+    }
+
+    fn drop_socket(&mut self, ops: &mut EventOps) {
+        if let Some(sock) = self.sock.take() {
+            // Deregister before close so that a recycled fd number never meets a stale entry.
+            let _ = ops.remove(Events::empty(&sock));
+        }
+        self.reader = FrameReader::new();
+        let _ = self.deadline_timer.disarm();
+    }
+
+    /// Feeds an event through the state machine and carries out the verdict.
+    fn handle(&mut self, ops: &mut EventOps, ev: LinkEvent, detail: &str) {
+        let (next, verdict) = step(self.state, ev);
+        debug!(
+            "link {:?} + {ev:?} -> {next:?}, {verdict:?} ({detail})",
+            self.state
+        );
+        self.state = next;
+        match verdict {
+            Verdict::Nothing => {}
+            Verdict::Arm => self.arm(),
+            Verdict::Retry => {
+                self.drop_socket(ops);
+                let delay = self.backoff;
+                self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+                (self.observer)(&BackupNotice::Retrying {
+                    why: detail.to_string(),
+                    delay,
+                });
+                let _ = self.timer.arm(delay, None);
+            }
+            Verdict::StandDown => {
+                info!("source stood down in order: not taking over");
+                self.drop_socket(ops);
+                let _ = self.timer.disarm();
+                (self.observer)(&BackupNotice::StandDown);
+            }
+            Verdict::TakeOver(reason) => {
+                let errno = match ev {
+                    LinkEvent::Failed(_) => self.last_errno,
+                    _ => None,
+                };
+                self.take_over(ops, reason, errno, detail);
+            }
+        }
+    }
+
+    fn arm(&mut self) {
+        let _ = self.timer.disarm();
+        self.backoff = self.cfg.backoff_min;
+        self.armed_at = Some(SystemTime::now());
+        let sock = self.sock.as_ref().expect("armed without a socket");
+        self.keepalive = match EffectiveKeepalive::read_from(sock) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!("cannot read keepalive back: {e}");
+                None
+            }
+        };
+        self.deadline = self.heartbeat.map(|hb| hb * self.cfg.heartbeat_misses);
+        if let Some(d) = self.deadline {
+            self.last_heartbeat = Instant::now();
+            let _ = self.deadline_timer.arm(d, None);
+        }
+        let peer = self.cfg.connect;
+        info!("link to {peer} armed (pair {})", self.cfg.pair_id);
+        (self.observer)(&BackupNotice::Armed {
+            peer,
+            keepalive: self.keepalive,
+            heartbeat: self.heartbeat,
+            deadline: self.deadline,
+        });
+    }
+
+    fn take_over(
+        &mut self,
+        ops: &mut EventOps,
+        reason: TakeoverReason,
+        errno: Option<i32>,
+        detail: &str,
+    ) {
+        let detected_instant = Instant::now();
+        let detected_at = SystemTime::now();
+        self.drop_socket(ops);
+        let _ = self.timer.disarm();
+        warn!("taking over: {reason} ({detail})");
+        let record = TakeoverRecord {
+            reason,
+            pair_id: self.cfg.pair_id.clone(),
+            armed_at: self.armed_at.unwrap_or(detected_at),
+            detected_at,
+            detected_instant,
+            keepalive: self.keepalive,
+            heartbeat: self.heartbeat,
+            errno,
+        };
+        (self.observer)(&BackupNotice::Takeover(&record));
+        // `take` makes the hook unreachable after its first use, whatever the state machine says.
+        if let Some(mut hook) = self.hook.take() {
+            let (tx, rx) = mpsc::channel();
+            self.hook_rx = Some(rx);
+            let done = self.hook_done.try_clone();
+            let rec = record.clone();
+            let spawned = std::thread::Builder::new()
+                .name("vm-start".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    let r = hook.vm_start(&rec).map_err(|e| e.to_string());
+                    let _ = tx.send((r, t.elapsed()));
+                    if let Ok(done) = done {
+                        let _ = done.write(1);
+                    }
+                });
+            if let Err(e) = spawned {
+                error!("cannot spawn the vm_start thread: {e}");
+                (self.observer)(&BackupNotice::HookFinished {
+                    result: Err(format!("cannot spawn the vm_start thread: {e}")),
+                    took: Duration::ZERO,
+                });
+            }
+        }
+        self.record = Some(record);
+    }
+
+    fn on_socket(&mut self, ops: &mut EventOps, set: EventSet) {
+        if self.sock.is_none() {
+            return;
+        }
+        if self.state == LinkState::Connecting {
+            if !set.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
+                return;
+            }
+            let sock = self.sock.as_ref().unwrap();
+            match sock.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => {
+                    let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
+                    return self.handle(ops, LinkEvent::Failed(f), &format!("connect: {e}"));
+                }
+            }
+            let hello = Frame::Hello {
+                pair_id: self.cfg.pair_id.clone(),
+                auth_tag: Vec::new(),
+            }
+            .encode();
+            match (&*sock).write(&hello) {
+                Ok(n) if n == hello.len() => {}
+                Ok(n) => {
+                    return self.handle(
+                        ops,
+                        LinkEvent::Failed(SocketFailure::Other),
+                        &format!("short HELLO write ({n} of {} bytes)", hello.len()),
+                    )
+                }
+                Err(e) => {
+                    let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
+                    return self.handle(ops, LinkEvent::Failed(f), &format!("send HELLO: {e}"));
+                }
+            }
+            // Connected: from now on only readability (data, EOF, error) matters.
+            let _ = ops.modify(Events::with_data(
+                sock,
+                TOKEN_SOCK,
+                EventSet::IN | EventSet::READ_HANG_UP,
+            ));
+            self.handle(ops, LinkEvent::Connected, "connected, HELLO sent");
+            // WELCOME may already be queued; fall through to read it.
+        }
+        self.read_frames(ops);
+    }
+
+    /// Reads until EAGAIN, feeding every frame to the state machine before EOF or an error, so a
+    /// STAND_DOWN followed by the close is seen as a stand-down, not a crash.
+    fn read_frames(&mut self, ops: &mut EventOps) {
+        let mut buf = [0u8; 1024];
+        loop {
+            let Some(sock) = self.sock.as_ref() else {
+                return;
+            };
+            match (&*sock).read(&mut buf) {
+                Ok(0) => return self.handle(ops, LinkEvent::PeerClosed, "EOF from source"),
+                Ok(n) => {
+                    self.reader.push(&buf[..n]);
+                    loop {
+                        match self.reader.next_frame() {
+                            Ok(Some(f)) => {
+                                let ev = self.frame_event(&f);
+                                let detail = match &ev {
+                                    Err(e) => e.to_string(),
+                                    Ok(_) => f.name().to_string(),
+                                };
+                                match ev {
+                                    Ok(ev) => self.handle(ops, ev, &detail),
+                                    Err(e) => {
+                                        error!("protocol error from {}: {e}", self.cfg.connect);
+                                        self.handle(ops, LinkEvent::ProtocolError, &detail);
+                                    }
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                error!("protocol error from {}: {e}", self.cfg.connect);
+                                return self.handle(ops, LinkEvent::ProtocolError, &e.to_string());
+                            }
+                        }
+                        if self.sock.is_none() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    self.last_errno = Some(errno);
+                    let f = SocketFailure::from_errno(errno);
+                    return self.handle(ops, LinkEvent::Failed(f), &format!("{e} (errno {errno})"));
+                }
+            }
+        }
+    }
+
+    /// Maps a frame to a link event, checking it fits the current state.
+    fn frame_event(&mut self, f: &Frame) -> Result<LinkEvent, ProtocolError> {
+        match (self.state, f) {
+            (LinkState::Handshaking, Frame::Welcome { heartbeat }) => {
+                if let Some(hb) = heartbeat {
+                    if *hb < self.cfg.heartbeat_min || *hb > self.cfg.heartbeat_max {
+                        return Err(ProtocolError::BadPayload {
+                            kind: f.kind(),
+                            why: format!(
+                                "source announced a heartbeat interval of {hb:?}; this backup \
+                                 accepts {:?}..={:?}",
+                                self.cfg.heartbeat_min, self.cfg.heartbeat_max
+                            ),
+                        });
+                    }
+                }
+                self.heartbeat = *heartbeat;
+                Ok(LinkEvent::Welcomed)
+            }
+            (LinkState::Handshaking, Frame::Reject { reason }) => {
+                Err(ProtocolError::Rejected(reason.clone()))
+            }
+            (LinkState::Armed, Frame::Heartbeat { .. }) if self.heartbeat.is_some() => {
+                self.last_heartbeat = Instant::now();
+                Ok(LinkEvent::Heartbeat)
+            }
+            (LinkState::Armed, Frame::StandDown) => Ok(LinkEvent::StandDown),
+            (LinkState::Armed, Frame::Handoff) => Ok(LinkEvent::Handoff),
+            (LinkState::Handshaking, _) => {
+                Err(ProtocolError::Unexpected(f.name(), "during the handshake"))
+            }
+            _ => Err(ProtocolError::Unexpected(f.name(), "on an armed link")),
+        }
+    }
+
+    fn on_timer(&mut self, ops: &mut EventOps) {
+        if self.timer.expirations() == 0 {
+            return;
+        }
+        match self.state {
+            LinkState::Connecting if self.sock.is_none() => self.connect(ops),
+            LinkState::Connecting | LinkState::Handshaking => {
+                let t = self.cfg.handshake_timeout;
+                self.handle(
+                    ops,
+                    LinkEvent::HandshakeTimeout,
+                    &format!("handshake not done within {t:?}"),
+                )
+            }
+            _ => {}
+        }
+    }
+
+    fn on_deadline(&mut self, ops: &mut EventOps) {
+        if self.deadline_timer.expirations() == 0 || self.state != LinkState::Armed {
+            return;
+        }
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        // Heartbeats only stamp `last_heartbeat`; the timer is re-armed here, lazily, so a
+        // healthy link costs one timer syscall per deadline rather than one per heartbeat.
+        let since = self.last_heartbeat.elapsed();
+        if since >= deadline {
+            self.handle(
+                ops,
+                LinkEvent::HeartbeatDeadline,
+                &format!("no HEARTBEAT for {since:?} (deadline {deadline:?})"),
+            );
+        } else {
+            let _ = self.deadline_timer.arm(deadline - since, None);
+        }
+    }
+
+    fn on_hook_done(&mut self) {
+        let _ = self.hook_done.read();
+        if let Some(rx) = self.hook_rx.as_ref() {
+            if let Ok((result, took)) = rx.try_recv() {
+                match &result {
+                    Ok(()) => info!("vm_start finished in {took:?}"),
+                    Err(e) => error!("vm_start failed after {took:?}: {e}"),
+                }
+                (self.observer)(&BackupNotice::HookFinished { result, took });
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for BackupMonitor {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, token) in [
+            (self.timer.as_raw_fd(), TOKEN_TIMER),
+            (self.deadline_timer.as_raw_fd(), TOKEN_DEADLINE),
+            (self.hook_done.as_raw_fd(), TOKEN_HOOK_DONE),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                error!("cannot register backup fd {fd}: {e:?}");
+            }
+        }
+        self.connect(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_SOCK => self.on_socket(ops, events.event_set()),
+            TOKEN_TIMER => self.on_timer(ops),
+            TOKEN_DEADLINE => self.on_deadline(ops),
+            TOKEN_HOOK_DONE => self.on_hook_done(),
+            t => warn!("backup: event for unknown token {t}"),
+        }
+    }
+}

@@ -1,0 +1,125 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Command-line flags. The contract here is relied on by tests and users.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use vmm_keepalive::{KeepaliveSpec, UserTimeout};
+
+/// Backup-VM takeover over a keepalive-tuned TCP heartbeat link.
+#[derive(Debug, Parser)]
+#[command(name = "vmm-takeover", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Source side: listen for backups, stand them down on SIGTERM/SIGINT, hand off on SIGUSR1.
+    Source(SourceArgs),
+    /// Backup side: connect to the source and run the vm_start hook when the source dies.
+    Backup(BackupArgs),
+}
+
+/// Keepalive flags shared by both sides.
+#[derive(Debug, Args, Clone)]
+pub struct KeepaliveArgs {
+    /// Keepalive spec in nginx's so_keepalive syntax: `on`, `off` or `IDLE:INTVL:CNT` (any part
+    /// may be empty = system default; durations in whole seconds, units s/m/h).
+    #[arg(long, value_name = "SPEC", default_value = "1:1:5", value_parser = parse_keepalive)]
+    pub keepalive: KeepaliveSpec,
+    /// TCP_USER_TIMEOUT: `auto` (= idle + intvl × cnt), `off` (kernel default, ~15 min with
+    /// unacknowledged data) or a duration such as `3s` or `500ms`.
+    #[arg(long, value_name = "auto|off|DURATION", default_value = "auto", value_parser = parse_user_timeout)]
+    pub user_timeout: UserTimeout,
+}
+
+impl KeepaliveArgs {
+    /// The spec with the user-timeout policy folded in.
+    pub fn spec(&self) -> KeepaliveSpec {
+        self.keepalive.with_user_timeout(self.user_timeout)
+    }
+}
+
+/// `vmm-takeover source`.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Address to listen on, e.g. `127.0.0.1:7070` (port 0 picks one; see the `listening` event).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// The VM pair id (1..=64 of A-Z a-z 0-9 . _ -); backups must present the same.
+    #[arg(long, value_name = "ID")]
+    pub pair_id: String,
+    #[command(flatten)]
+    pub keepalive: KeepaliveArgs,
+    /// Send a HEARTBEAT from the event loop at this interval (e.g. `10ms`); detects a hung VMM.
+    #[arg(long, value_name = "DURATION", value_parser = parse_heartbeat)]
+    pub heartbeat: Option<Duration>,
+    /// On SIGUSR1, run this through `sh -c` to pause the local guest before HANDOFF.
+    #[arg(long, value_name = "CMD", conflicts_with = "qmp")]
+    pub on_handoff: Option<String>,
+    /// On SIGUSR1, send QMP `stop` to this QEMU socket before HANDOFF.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
+}
+
+/// `vmm-takeover backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The source's heartbeat address, e.g. `127.0.0.1:7070`.
+    #[arg(long, value_name = "ADDR")]
+    pub connect: SocketAddr,
+    /// The VM pair id; must match the source's.
+    #[arg(long, value_name = "ID")]
+    pub pair_id: String,
+    #[command(flatten)]
+    pub keepalive: KeepaliveArgs,
+    /// In heartbeat mode, take over after this many missed heartbeat intervals (1..=1000).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub heartbeat_misses: u32,
+    /// On takeover, run this through `sh -c` (env: VMM_TAKEOVER_REASON, VMM_TAKEOVER_PAIR_ID).
+    #[arg(long, value_name = "CMD", group = "hook")]
+    pub on_takeover: Option<String>,
+    /// On takeover, start a built-in standby guest: `kvm-dummy` (a real KVM guest).
+    #[arg(long, value_name = "KIND", group = "hook", value_parser = ["kvm-dummy"])]
+    pub vm: Option<String>,
+    /// On takeover, send QMP `cont` to this QEMU socket and wait for `running`.
+    #[arg(long, value_name = "PATH", group = "hook")]
+    pub qmp: Option<PathBuf>,
+}
+
+fn parse_keepalive(s: &str) -> Result<KeepaliveSpec, String> {
+    s.parse::<KeepaliveSpec>().map_err(|e| e.to_string())
+}
+
+fn parse_user_timeout(s: &str) -> Result<UserTimeout, String> {
+    match s {
+        "auto" => Ok(UserTimeout::Auto),
+        "off" => Ok(UserTimeout::Off),
+        _ => {
+            let d = humantime::parse_duration(s).map_err(|e| {
+                format!("{s:?} is not auto, off or a duration like 3s or 500ms: {e}")
+            })?;
+            if d.is_zero() || d.subsec_nanos() % 1_000_000 != 0 {
+                return Err(format!(
+                    "user timeout must be a positive whole number of milliseconds, got {s:?}"
+                ));
+            }
+            Ok(UserTimeout::Explicit(d))
+        }
+    }
+}
+
+fn parse_heartbeat(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 10ms or 1s: {e}"))?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(60) {
+        return Err(format!("heartbeat interval must be 1ms..=60s, got {s:?}"));
+    }
+    Ok(d)
+}

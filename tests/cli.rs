@@ -1,0 +1,164 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The command line: bad flags are refused with exit 2 and a message naming what is allowed;
+//! the keepalive in force on the real socket is what was asked for.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_clear_message() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["source", "--pair-id", "a"], "--listen"),
+        (
+            &["source", "--listen", "nonsense", "--pair-id", "a"],
+            "invalid socket address",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--keepalive",
+                "1:0:5",
+            ],
+            "interval",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--keepalive",
+                "0.5:1:1",
+            ],
+            "whole seconds",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--keepalive",
+                "1:1:200",
+            ],
+            "127",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--user-timeout",
+                "soon",
+            ],
+            "auto, off or a duration",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--heartbeat-misses",
+                "0",
+            ],
+            "heartbeat-misses",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--on-takeover",
+                "x",
+                "--vm",
+                "kvm-dummy",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "source",
+                "--listen",
+                "127.0.0.1:0",
+                "--pair-id",
+                "a",
+                "--heartbeat",
+                "10us",
+            ],
+            "1ms..=60s",
+        ),
+        (&["frobnicate"], "unrecognized subcommand"),
+    ];
+    for (args, want) in cases {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: stderr lacks {want:?}: {err}");
+    }
+}
+
+#[test]
+fn bad_pair_id_is_refused() {
+    let (code, err) = run(&[
+        "source",
+        "--listen",
+        "127.0.0.1:0",
+        "--pair-id",
+        "no spaces",
+    ]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("pair id may only contain"), "{err}");
+}
+
+#[test]
+fn armed_event_reports_the_keepalive_read_back_from_the_socket() {
+    let (source, addr) = start_source("source", "vm-ka", &[]);
+    let backup = Proc::spawn(
+        "backup",
+        &[
+            "backup",
+            "--connect",
+            &addr.to_string(),
+            "--pair-id",
+            "vm-ka",
+            "--keepalive",
+            "3:2:4",
+        ],
+    );
+    let armed = backup.wait_event("armed", EVENT_TIMEOUT);
+    let k = &armed["keepalive"];
+    assert_eq!(k["enabled"], true);
+    assert_eq!(k["idle_s"], 3);
+    assert_eq!(k["interval_s"], 2);
+    assert_eq!(k["count"], 4);
+    assert_eq!(k["bound_ms"], 11_000);
+    assert_eq!(k["user_timeout_ms"], 11_000);
+    let joined = source.wait_event("backup-joined", EVENT_TIMEOUT);
+    // The source applies its own (default 1:1:5) spec to its side of the link.
+    assert!(
+        joined["keepalive"].as_str().unwrap().contains("cnt=5"),
+        "{joined}"
+    );
+}

@@ -1,0 +1,226 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Bad peers: garbage, wrong ids and versions, oversized frames, stalled handshakes. None of them
+//! may cause a takeover or disturb a real backup.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use vmm_takeover_core::protocol::{Frame, FrameReader};
+
+fn hello(pair: &str) -> Vec<u8> {
+    Frame::Hello {
+        pair_id: pair.into(),
+        auth_tag: vec![],
+    }
+    .encode()
+}
+
+/// Sends `bytes` to the source and returns what it answered before closing.
+fn poke(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn reject_reason(answer: &[u8]) -> String {
+    let mut r = FrameReader::new();
+    r.push(answer);
+    match r.next_frame() {
+        Ok(Some(Frame::Reject { reason })) => reason,
+        other => panic!("expected REJECT, got {other:?} from {answer:02x?}"),
+    }
+}
+
+#[test]
+fn bad_clients_are_rejected_and_a_real_backup_keeps_working() {
+    let dir = TempDir::new("neg");
+    let hook_file = dir.path("hook");
+    let (source, addr) = start_source("source", "vm-neg", &["--keepalive", "1:1:2"]);
+    let addr = addr.to_string();
+    let mut backup = Proc::spawn(
+        "backup",
+        &[
+            "backup",
+            "--connect",
+            &addr,
+            "--pair-id",
+            "vm-neg",
+            "--on-takeover",
+            &record_hook(&hook_file),
+        ],
+    );
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+
+    let mut wrong_version = hello("vm-neg");
+    wrong_version[4] = 2;
+    let mut oversized = hello("vm-neg");
+    oversized[6..8].copy_from_slice(&4000u16.to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", b"GET / HTTP/1.0\r\n\r\n".to_vec(), "bad magic"),
+        ("wrong pair id", hello("vm-other"), "pair id mismatch"),
+        (
+            "wrong version",
+            wrong_version,
+            "unsupported protocol version 2",
+        ),
+        ("oversized", oversized, "oversized frame"),
+        (
+            "frame out of place",
+            Frame::StandDown.encode(),
+            "unexpected STAND_DOWN",
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let answer = poke(&addr, &bytes);
+        let reason = reject_reason(&answer);
+        assert!(reason.contains(want), "{what}: REJECT says {reason:?}");
+        let ev = source.wait_event("backup-rejected", EVENT_TIMEOUT);
+        assert!(ev["why"].as_str().unwrap().contains(want), "{what}: {ev}");
+    }
+    // A client that connects and says nothing is dropped after the handshake timeout.
+    let silent = TcpStream::connect(&addr).unwrap();
+    let ev = source.wait_event("backup-rejected", EVENT_TIMEOUT);
+    assert!(
+        ev["why"].as_str().unwrap().contains("no HELLO within"),
+        "{ev}"
+    );
+    drop(silent);
+
+    assert_eq!(source.count("backup-lost"), 0);
+    assert_eq!(backup.count("takeover"), 0);
+    assert!(backup.running());
+    // The real backup is still armed on the same source: a crash is still taken over.
+    source.signal(libc::SIGKILL);
+    assert_eq!(
+        backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],
+        "peer-closed"
+    );
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(hook_lines(&hook_file).len(), 1);
+}
+
+/// A fake source: accepts connections and answers each with `answer(n)`, then closes.
+fn fake_source<F>(answer: F) -> (String, std::thread::JoinHandle<usize>)
+where
+    F: Fn(usize) -> Vec<u8> + Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let mut served = 0;
+        for s in l.incoming().take(3) {
+            let mut s = s.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(&answer(served));
+            served += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        served
+    });
+    (addr, h)
+}
+
+fn run_against_fake<F>(answer: F, expect_in_why: &str)
+where
+    F: Fn(usize) -> Vec<u8> + Send + 'static,
+{
+    let dir = TempDir::new("fake");
+    let hook_file = dir.path("hook");
+    let (addr, server) = fake_source(answer);
+    let mut backup = Proc::spawn(
+        "backup",
+        &[
+            "backup",
+            "--connect",
+            &addr,
+            "--pair-id",
+            "vm-fake",
+            "--on-takeover",
+            &record_hook(&hook_file),
+        ],
+    );
+    let r = backup.wait_event("retrying", EVENT_TIMEOUT);
+    assert!(
+        r["why"].as_str().unwrap().contains(expect_in_why),
+        "retry reason {r} lacks {expect_in_why:?}"
+    );
+    // It keeps retrying against the same address.
+    let c = backup.wait_event("connecting", EVENT_TIMEOUT);
+    assert!(c["attempt"].as_u64().unwrap() >= 2);
+    assert_eq!(server.join().unwrap(), 3);
+    backup.signal(libc::SIGTERM);
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(backup.count("takeover"), 0, "{:?}", backup.event_names());
+    assert_eq!(backup.count("armed"), 0);
+    assert!(hook_lines(&hook_file).is_empty());
+}
+
+#[test]
+fn fake_source_sending_garbage_never_causes_takeover() {
+    run_against_fake(|_| b"\x00\xffgarbage".to_vec(), "bad magic");
+}
+
+#[test]
+fn fake_source_rejecting_is_retried() {
+    run_against_fake(
+        |_| {
+            Frame::Reject {
+                reason: "go away".into(),
+            }
+            .encode()
+        },
+        "rejected by source: go away",
+    );
+}
+
+#[test]
+fn welcome_with_unsafe_heartbeat_interval_is_refused() {
+    run_against_fake(
+        |_| {
+            Frame::Welcome {
+                heartbeat: Some(Duration::ZERO),
+            }
+            .encode()
+        },
+        "heartbeat interval of 0ns",
+    );
+}
+
+#[test]
+fn armed_link_with_garbage_after_welcome_retries_not_takes_over() {
+    let dir = TempDir::new("fake-armed");
+    let hook_file = dir.path("hook");
+    let (addr, server) = fake_source(|_| {
+        let mut b = Frame::Welcome { heartbeat: None }.encode();
+        b.extend_from_slice(b"garbage");
+        b
+    });
+    let mut backup = Proc::spawn(
+        "backup",
+        &[
+            "backup",
+            "--connect",
+            &addr,
+            "--pair-id",
+            "vm-fake",
+            "--on-takeover",
+            &record_hook(&hook_file),
+        ],
+    );
+    let r = backup.wait_event("retrying", EVENT_TIMEOUT);
+    assert!(r["why"].as_str().unwrap().contains("bad magic"), "{r}");
+    assert_eq!(server.join().unwrap(), 3);
+    backup.signal(libc::SIGTERM);
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(backup.count("takeover"), 0, "{:?}", backup.event_names());
+    assert!(hook_lines(&hook_file).is_empty());
+}

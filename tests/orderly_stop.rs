@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Orderly stops and planned handoffs are never mistaken for crashes.
+
+mod common;
+
+use common::*;
+
+fn backup_args<'a>(addr: &'a str, pair: &'a str, hook: &'a str) -> Vec<&'a str> {
+    vec![
+        "backup",
+        "--connect",
+        addr,
+        "--pair-id",
+        pair,
+        "--on-takeover",
+        hook,
+    ]
+}
+
+#[test]
+fn sigterm_stands_down_and_never_runs_the_hook() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let dir = TempDir::new("term");
+        let hook_file = dir.path("hook");
+        let hook = record_hook(&hook_file);
+        let (mut source, addr) = start_source("source", "vm-term", &[]);
+        let addr = addr.to_string();
+        let mut backup = Proc::spawn("backup", &backup_args(&addr, "vm-term", &hook));
+        backup.wait_event("armed", EVENT_TIMEOUT);
+        source.wait_event("backup-joined", EVENT_TIMEOUT);
+
+        source.signal(sig);
+        assert_eq!(source.wait_event("stand-down", EVENT_TIMEOUT)["backups"], 1);
+        assert!(source.wait_exit(EVENT_TIMEOUT).success());
+        backup.wait_event("stand-down", EVENT_TIMEOUT);
+        assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+        assert_eq!(backup.count("takeover"), 0, "{:?}", backup.event_names());
+        assert!(
+            hook_lines(&hook_file).is_empty(),
+            "hook ran on an orderly stop"
+        );
+    }
+}
+
+#[test]
+fn sigusr1_pauses_the_source_then_hands_off() {
+    let dir = TempDir::new("handoff");
+    let hook_file = dir.path("hook");
+    let order = dir.path("order");
+    // Both hooks append to one file, so the order they ran in is on record.
+    let pause = format!("echo paused >> {}", order.display());
+    let start = format!(
+        "echo \"started $VMM_TAKEOVER_REASON\" >> {} && {}",
+        order.display(),
+        record_hook(&hook_file)
+    );
+    let (mut source, addr) = start_source("source", "vm-ho", &["--on-handoff", &pause]);
+    let addr = addr.to_string();
+    let mut backup = Proc::spawn("backup", &backup_args(&addr, "vm-ho", &start));
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+
+    source.signal(libc::SIGUSR1);
+    assert_eq!(
+        source.wait_event("handoff-sent", EVENT_TIMEOUT)["backups"],
+        1
+    );
+    assert!(source.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(
+        backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],
+        "handoff"
+    );
+    backup.wait_event("vm-started", EVENT_TIMEOUT);
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(hook_lines(&order), vec!["paused", "started handoff"]);
+    assert_eq!(hook_lines(&hook_file), vec!["handoff vm-ho"]);
+}
+
+#[test]
+fn failed_pause_does_not_hand_off() {
+    let dir = TempDir::new("handoff-fail");
+    let hook_file = dir.path("hook");
+    let hook = record_hook(&hook_file);
+    let (mut source, addr) = start_source("source", "vm-hof", &["--on-handoff", "exit 1"]);
+    let addr = addr.to_string();
+    let mut backup = Proc::spawn("backup", &backup_args(&addr, "vm-hof", &hook));
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    source.signal(libc::SIGUSR1);
+    source.wait_event("handoff-failed", EVENT_TIMEOUT);
+    // Still the source: an orderly stop afterwards stands the backup down.
+    source.signal(libc::SIGTERM);
+    assert!(source.wait_exit(EVENT_TIMEOUT).success());
+    backup.wait_event("stand-down", EVENT_TIMEOUT);
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert!(hook_lines(&hook_file).is_empty());
+}
