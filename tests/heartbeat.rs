@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Heartbeat mode on loopback: a hung source VMM is caught; late-but-in-time heartbeats are not a
+//! failure.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use vmm_takeover_core::protocol::Frame;
+
+#[test]
+fn sigstopped_source_is_taken_over_with_heartbeat_timeout() {
+    let dir = TempDir::new("hb-stop");
+    let hook_file = dir.path("hook");
+    let (source, addr) = start_source("source", "vm-hb", &["--heartbeat", "20ms"]);
+    let backup = Proc::spawn(
+        "backup",
+        &[
+            "backup",
+            "--connect",
+            &addr.to_string(),
+            "--pair-id",
+            "vm-hb",
+            "--heartbeat-misses",
+            "3",
+            "--on-takeover",
+            &record_hook(&hook_file),
+        ],
+    );
+    let armed = backup.wait_event("armed", EVENT_TIMEOUT);
+    assert_eq!(armed["heartbeat_us"], 20_000);
+    assert_eq!(armed["deadline_us"], 60_000);
+    // SIGSTOP: the kernel keeps the socket alive and ACKs keepalive probes; only the missing
+    // heartbeats reveal the hung VMM.
+    let stopped_at = now_us();
+    source.signal(libc::SIGSTOP);
+    let ev = backup.wait_event("takeover", EVENT_TIMEOUT);
+    assert_eq!(ev["reason"], "heartbeat-timeout");
+    let detected = ev["detected_at_unix_us"].as_u64().unwrap();
+    assert!(detected >= stopped_at);
+    println!(
+        "SIGSTOP -> heartbeat-timeout after {} us (deadline 60000 us)",
+        detected - stopped_at
+    );
+    backup.wait_event("vm-started", EVENT_TIMEOUT);
+    assert_eq!(hook_lines(&hook_file), vec!["heartbeat-timeout vm-hb"]);
+    source.signal(libc::SIGCONT);
+}
+
+/// A scripted source that welcomes with `interval` and sends heartbeats every `every` until told
+/// to stop; then holds the connection open in silence.
+fn scripted_source(
+    interval: Duration,
+    every: Duration,
+    beats: usize,
+) -> (String, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 128];
+        let _ = s.read(&mut buf);
+        s.write_all(
+            &Frame::Welcome {
+                heartbeat: Some(interval),
+            }
+            .encode(),
+        )
+        .unwrap();
+        for seq in 0..beats as u64 {
+            std::thread::sleep(every);
+            s.write_all(&Frame::Heartbeat { seq }.encode()).unwrap();
+        }
+        d.store(true, Ordering::SeqCst);
+        // Keep the socket open (no FIN) until the backup gives up on it.
+        let _ = s.read(&mut buf);
+    });
+    (addr, done, h)
+}
+
+#[test]
+fn late_heartbeats_within_the_deadline_do_not_take_over() {
+    // Announced 100 ms × 3 misses = 300 ms deadline; sent every 200 ms: each one is late by a
+    // whole interval, yet within the deadline with 100 ms to spare.
+    let (addr, done, server) =
+        scripted_source(Duration::from_millis(100), Duration::from_millis(200), 10);
+    let backup = Proc::spawn(
+        "backup",
+        &["backup", "--connect", &addr, "--pair-id", "vm-late"],
+    );
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    // While late heartbeats flow, no takeover; once they stop, the deadline takes over.
+    let ev = backup.wait_event("takeover", EVENT_TIMEOUT);
+    assert!(
+        done.load(Ordering::SeqCst),
+        "took over while heartbeats were still flowing: {ev}"
+    );
+    assert_eq!(ev["reason"], "heartbeat-timeout");
+    drop(backup);
+    server.join().unwrap();
+}
