@@ -1,3 +1,31 @@
 // SPDX-License-Identifier: Apache-2.0
-//! placeholder
+//! `vm_start` / `vm_pause` backends for vmm-takeover.
+//!
+//! - [`DummyVm`] (`kvm_dummy`): a tiny real KVM guest, created paused, whose counter proves from
+//!   the host that guest instructions execute after a takeover.
+//! - [`SimulatedVm`] (`simulated`): a counting thread with the same surface, for machines without
+//!   `/dev/kvm` — a simulation, not a VM. [`StandbyGuest`] holds either.
+//! - [`QmpVm`] (`qmp`): a QEMU guest resumed with `cont` / paused with `stop` over QMP.
+//! - [`CommandHook`] (`command`): any VMM, through a shell command.
+//! - [`QemuProcess`] (`qemu`): a paused, empty QEMU/KVM guest with a QMP socket, for tests,
+//!   benchmarks and demos.
+//!
+//! All of them implement [`vmm_takeover_core::VmStart`] and [`vmm_takeover_core::VmPause`], are
+//! safe to call twice, and return only once the guest is known to run (or to be paused).
 #![deny(missing_docs)]
+
+pub mod command;
+mod gate;
+pub mod kvm_dummy;
+pub mod qemu;
+pub mod qmp;
+pub mod simulated;
+pub mod standby;
+
+pub use command::{CommandError, CommandHook};
+pub use gate::GuestStateError;
+pub use kvm_dummy::{DummyVm, KvmDummyError, COUNTER_PORT};
+pub use qemu::{QemuError, QemuProcess};
+pub use qmp::{QmpClient, QmpError, QmpStatus, QmpVm};
+pub use simulated::{SimulatedVm, SimulatedVmError};
+pub use standby::StandbyGuest;

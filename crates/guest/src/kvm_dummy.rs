@@ -1,0 +1,443 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A tiny real KVM guest that proves, from the host, that guest instructions execute.
+//!
+//! The guest is nine bytes of 16-bit real-mode code that counts forever and writes the count to
+//! [`COUNTER_PORT`]. Every `out` is a VM exit, so the host sees each increment, and the vCPU thread
+//! gets control back every few microseconds: that is what lets [`DummyVm::pause`] park it without
+//! signals or `immediate_exit`.
+//!
+//! The VM is created *paused*: memory, vCPU and registers are set up and the vCPU thread is spawned,
+//! but it blocks before its first `KVM_RUN` until [`DummyVm::start`].
+
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use log::{debug, error, info};
+use vmm_sys_util::errno;
+use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
+
+use crate::gate::{Gate, GuestStateError, WorkerGuard};
+
+/// The I/O port the dummy guest writes its 32-bit counter to (a port no real device uses here:
+/// this VM has no devices at all).
+pub const COUNTER_PORT: u16 = 0x0700;
+
+/// Guest-physical address where the code is loaded and where the vCPU starts.
+const GUEST_CODE_ADDR: u64 = 0x1000;
+/// One page of guest memory holds the code.
+const GUEST_MEM_SIZE: usize = 0x1000;
+/// Where KVM may put the real-mode TSS (needed by Intel CPUs without "unrestricted guest").
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// The guest program (16-bit real mode):
+///
+/// ```text
+/// 0: ba 00 07    mov  dx, 0x0700     ; COUNTER_PORT
+/// 3: 66 40       inc  eax            ; the counter (eax starts at 0)
+/// 5: 66 ef       out  dx, eax        ; VM exit: the host reads the new value
+/// 7: eb fa       jmp  3
+/// ```
+pub const GUEST_CODE: [u8; 9] = [
+    0xba,
+    (COUNTER_PORT & 0xff) as u8,
+    (COUNTER_PORT >> 8) as u8,
+    0x66,
+    0x40,
+    0x66,
+    0xef,
+    0xeb,
+    0xfa,
+];
+
+/// How long `vm_start` waits for the first guest exit before reporting failure.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `pause` waits for the vCPU thread to park.
+pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the dummy KVM guest.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmDummyError {
+    /// `/dev/kvm` does not exist.
+    #[error(
+        "/dev/kvm does not exist: this host has no KVM (enable VT-x/AMD-V or nested virtualization \
+         and load kvm_intel or kvm_amd), or use the simulated VM instead"
+    )]
+    KvmMissing,
+    /// `/dev/kvm` exists but this user may not open it.
+    #[error(
+        "permission denied opening /dev/kvm: add this user to the `kvm` group \
+         (`sudo usermod -aG kvm $USER`, then log in again) or run as root"
+    )]
+    KvmPermission,
+    /// `/dev/kvm` exists but no KVM module backs it.
+    #[error(
+        "/dev/kvm exists but KVM is not usable ({0}): load kvm_intel or kvm_amd, \
+         or use the simulated VM instead"
+    )]
+    KvmNoDevice(#[source] errno::Error),
+    /// Another error opening `/dev/kvm`.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] errno::Error),
+    /// A KVM ioctl failed while setting the VM up.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// What was being done.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: errno::Error,
+    },
+    /// The guest memory could not be mapped.
+    #[error("cannot map {GUEST_MEM_SIZE} bytes of guest memory: {0}")]
+    GuestMemory(#[source] std::io::Error),
+    /// The vCPU thread could not be spawned.
+    #[error("cannot spawn the vCPU thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// Starting or pausing failed.
+    #[error(transparent)]
+    State(#[from] GuestStateError),
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(errno::Error) -> KvmDummyError {
+    move |source| KvmDummyError::Kvm { op, source }
+}
+
+/// Anonymous memory that backs the guest's only memory slot; unmapped on drop.
+struct GuestMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; only the vCPU thread touches it after
+// setup, and the guest writes to it only through KVM.
+unsafe impl Send for GuestMemory {}
+
+impl GuestMemory {
+    fn new(len: usize) -> Result<Self, KvmDummyError> {
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(KvmDummyError::GuestMemory(std::io::Error::last_os_error()));
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| {
+            KvmDummyError::GuestMemory(std::io::Error::other("mmap returned NULL"))
+        })?;
+        Ok(GuestMemory { ptr, len })
+    }
+
+    fn write(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset + bytes.len() <= self.len,
+            "write outside guest memory"
+        );
+        // SAFETY: bounds checked above; the mapping is valid and writable for `len` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned; nothing uses them after this.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Everything the vCPU thread owns. Field order is drop order: the vCPU and the VM are closed
+/// before the memory that KVM maps into the guest is unmapped.
+struct VcpuContext {
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemory,
+}
+
+/// Extends the guest's 32-bit counter to 64 bits across wrap-arounds.
+#[derive(Default)]
+struct WideCounter {
+    high: u64,
+    last: u32,
+}
+
+impl WideCounter {
+    fn update(&mut self, value: u32) -> u64 {
+        if value < self.last {
+            self.high += 1 << 32;
+        }
+        self.last = value;
+        self.high | u64::from(value)
+    }
+}
+
+fn vcpu_loop(mut ctx: VcpuContext, gate: Arc<Gate>) {
+    let _finish = WorkerGuard(gate.clone());
+    let mut counter = WideCounter::default();
+    while gate.wait_runnable() {
+        let outcome = match ctx.vcpu.run() {
+            Ok(VcpuExit::IoOut(COUNTER_PORT, data)) if data.len() == 4 => {
+                Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
+            }
+            Ok(exit) => Err(format!("unexpected vCPU exit: {exit:?}")),
+            // Interrupted before or during entry: nothing ran, just enter again.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => Err(format!("KVM_RUN failed: {e}")),
+        };
+        match outcome {
+            Ok(value) => gate.record_exit(counter.update(value)),
+            Err(why) => {
+                error!("kvm-dummy: {why}; the vCPU thread stops");
+                gate.fail(why);
+                return;
+            }
+        }
+    }
+    debug!(
+        "kvm-dummy: vCPU thread exits after {} guest exits",
+        gate.exits()
+    );
+}
+
+/// Opens `/dev/kvm`, mapping the usual failures to errors that say what to do.
+fn open_kvm() -> Result<Kvm, KvmDummyError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => KvmDummyError::KvmMissing,
+        libc::EACCES | libc::EPERM => KvmDummyError::KvmPermission,
+        libc::ENXIO | libc::ENODEV => KvmDummyError::KvmNoDevice(e),
+        _ => KvmDummyError::KvmOpen(e),
+    })
+}
+
+fn setup() -> Result<VcpuContext, KvmDummyError> {
+    let kvm = open_kvm()?;
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // Intel CPUs without "unrestricted guest" emulate real mode through vm86 and need a TSS;
+    // elsewhere this is harmless.
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+
+    let mut mem = GuestMemory::new(GUEST_MEM_SIZE)?;
+    mem.write(0, &GUEST_CODE);
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: GUEST_CODE_ADDR,
+        memory_size: GUEST_MEM_SIZE as u64,
+        userspace_addr: mem.ptr.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is a valid mapping of GUEST_MEM_SIZE bytes that lives in the same
+    // VcpuContext as the VM and is unmapped only after the VM and vCPU fds are closed.
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    // Flat real mode: CS base 0 so that IP is the physical address of the code.
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    regs.rip = GUEST_CODE_ADDR;
+    regs.rax = 0;
+    regs.rflags = 2; // bit 1 is reserved and must be set
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+
+    Ok(VcpuContext {
+        vcpu,
+        _vm: vm,
+        _kvm: kvm,
+        _mem: mem,
+    })
+}
+
+/// Owner of the vCPU thread: when the last [`DummyVm`] clone goes, the thread is stopped and joined.
+struct Inner {
+    gate: Arc<Gate>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The guest exits on every `out`, so the vCPU thread sees the shutdown within microseconds.
+        self.gate.shutdown();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                error!("kvm-dummy: the vCPU thread panicked");
+            }
+        }
+    }
+}
+
+/// A tiny real KVM guest, created paused. Cheap to clone: clones share the same VM, so the CLI can
+/// keep one to read [`counter`](Self::counter) while the takeover core owns another as its hook.
+#[derive(Clone)]
+pub struct DummyVm {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DummyVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DummyVm")
+            .field("counter", &self.counter())
+            .field("exits", &self.exits())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl DummyVm {
+    /// Checks that `/dev/kvm` can be opened, without creating a VM.
+    pub fn probe() -> Result<(), KvmDummyError> {
+        open_kvm().map(drop)
+    }
+
+    /// Creates the VM paused: memory, vCPU and registers are set up and the vCPU thread waits
+    /// before its first `KVM_RUN`.
+    pub fn new() -> Result<Self, KvmDummyError> {
+        let ctx = setup()?;
+        let gate = Arc::new(Gate::default());
+        let worker_gate = gate.clone();
+        let handle = std::thread::Builder::new()
+            .name("kvm-dummy-vcpu0".into())
+            .spawn(move || vcpu_loop(ctx, worker_gate))
+            .map_err(KvmDummyError::Spawn)?;
+        debug!("kvm-dummy: VM created paused");
+        Ok(DummyVm {
+            inner: Arc::new(Inner {
+                gate,
+                thread: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// The last counter value the guest wrote to [`COUNTER_PORT`] (0 before the guest ever ran).
+    pub fn counter(&self) -> u64 {
+        self.inner.gate.counter()
+    }
+
+    /// How many guest exits the vCPU thread has handled.
+    pub fn exits(&self) -> u64 {
+        self.inner.gate.exits()
+    }
+
+    /// Whether the guest is released (started and not paused) and its vCPU thread alive.
+    pub fn is_running(&self) -> bool {
+        self.inner.gate.is_running()
+    }
+
+    /// Releases the vCPU thread and returns at once. `Ok(true)` if the guest was paused and now
+    /// runs; `Ok(false)` if it already ran (nothing changes, `started_at` is kept).
+    pub fn start(&self) -> Result<bool, GuestStateError> {
+        let started = self.inner.gate.start()?;
+        if started {
+            info!("kvm-dummy: guest released");
+        }
+        Ok(started)
+    }
+
+    /// Stops the guest: the vCPU thread stops entering `KVM_RUN` after its next exit. Returns once
+    /// it has parked (`Ok(true)` if it was running). `start` resumes where the guest stopped.
+    pub fn pause(&self) -> Result<bool, GuestStateError> {
+        let was_running = self.inner.gate.pause(DEFAULT_PAUSE_TIMEOUT)?;
+        if was_running {
+            info!("kvm-dummy: guest paused at counter {}", self.counter());
+        }
+        Ok(was_running)
+    }
+
+    /// When the guest was last released (paused → running).
+    pub fn started_at(&self) -> Option<Instant> {
+        self.inner.gate.started_at()
+    }
+
+    /// When the first guest exit after the last release arrived.
+    pub fn first_exit_after_start(&self) -> Option<Instant> {
+        self.inner.gate.first_exit_after_start()
+    }
+
+    /// How many times the guest was released (paused → running).
+    pub fn starts(&self) -> u64 {
+        self.inner.gate.starts()
+    }
+
+    /// Waits (without polling) for the first guest exit after the last release.
+    pub fn wait_first_exit(&self, timeout: Duration) -> Result<Instant, GuestStateError> {
+        self.inner.gate.wait_first_exit(timeout)
+    }
+
+    /// Waits (without polling) until the counter is at least `min`; `false` on timeout.
+    pub fn wait_for_counter(&self, min: u64, timeout: Duration) -> bool {
+        self.inner.gate.wait_for_counter(min, timeout)
+    }
+
+    /// Why the vCPU thread stopped, if the guest failed.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.gate.failure()
+    }
+}
+
+impl VmStart for DummyVm {
+    /// Releases the guest and returns once its first exit proves that it runs.
+    fn vm_start(&mut self, record: &TakeoverRecord) -> Result<(), HookError> {
+        debug!("kvm-dummy: vm_start ({})", record.reason);
+        self.start()?;
+        self.wait_first_exit(DEFAULT_START_TIMEOUT)?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "kvm-dummy".to_string()
+    }
+}
+
+impl VmPause for DummyVm {
+    fn vm_pause(&mut self) -> Result<(), HookError> {
+        self.pause()?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "kvm-dummy".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wide_counter_extends_across_wrap() {
+        let mut c = WideCounter::default();
+        assert_eq!(c.update(1), 1);
+        assert_eq!(c.update(u32::MAX), u64::from(u32::MAX));
+        assert_eq!(c.update(0), 1 << 32);
+        assert_eq!(c.update(5), (1 << 32) + 5);
+    }
+
+    #[test]
+    fn guest_code_encodes_the_port() {
+        assert_eq!(
+            u16::from_le_bytes([GUEST_CODE[1], GUEST_CODE[2]]),
+            COUNTER_PORT
+        );
+        // The jump goes back to `inc eax` at offset 3: next ip (9) + rel8 (-6).
+        assert_eq!(9 + i32::from(GUEST_CODE[8] as i8), 3);
+    }
+}
