@@ -64,8 +64,12 @@ pub struct SourceArgs {
     #[arg(long, value_name = "CMD", conflicts_with = "qmp")]
     pub on_handoff: Option<String>,
     /// On SIGUSR1, send QMP `stop` to this QEMU socket before HANDOFF.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "vm")]
     pub qmp: Option<PathBuf>,
+    /// Run a built-in guest in this process (started now, paused on SIGUSR1 before HANDOFF):
+    /// `kvm-dummy` (a real KVM guest) or `simulated` (a counting thread, no KVM needed).
+    #[arg(long, value_name = "KIND", conflicts_with = "on_handoff", value_parser = ["kvm-dummy", "simulated"])]
+    pub vm: Option<String>,
 }
 
 /// `vmm-takeover backup`.
@@ -85,8 +89,9 @@ pub struct BackupArgs {
     /// On takeover, run this through `sh -c` (env: VMM_TAKEOVER_REASON, VMM_TAKEOVER_PAIR_ID).
     #[arg(long, value_name = "CMD", group = "hook")]
     pub on_takeover: Option<String>,
-    /// On takeover, start a built-in standby guest: `kvm-dummy` (a real KVM guest).
-    #[arg(long, value_name = "KIND", group = "hook", value_parser = ["kvm-dummy"])]
+    /// Hold a built-in paused standby guest in this process and resume it on takeover (the
+    /// process then keeps running the guest): `kvm-dummy` (a real KVM guest) or `simulated`.
+    #[arg(long, value_name = "KIND", group = "hook", value_parser = ["kvm-dummy", "simulated"])]
     pub vm: Option<String>,
     /// On takeover, send QMP `cont` to this QEMU socket and wait for `running`.
     #[arg(long, value_name = "PATH", group = "hook")]

@@ -1,36 +1,43 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Builds the vm_start / pause hooks the flags ask for.
-
-use std::process::Command;
+//! Builds the vm_start / pause hooks the flags ask for, from the guest backends crate.
 
 use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
+use vmm_takeover_guest::{CommandHook, QmpVm, StandbyGuest};
 
 use crate::cli::{BackupArgs, SourceArgs};
 
-/// The backup's `vm_start` hook.
-pub fn start_hook(a: &BackupArgs) -> Result<Box<dyn VmStart>, String> {
-    if let Some(cmd) = &a.on_takeover {
-        let cmd = cmd.clone();
-        return Ok(Box::new(
-            move |r: &TakeoverRecord| -> Result<(), HookError> {
-                let st = Command::new("sh")
-                    .arg("-c")
-                    .arg(&cmd)
-                    .env("VMM_TAKEOVER_REASON", r.reason.as_str())
-                    .env("VMM_TAKEOVER_PAIR_ID", &r.pair_id)
-                    .status()?;
-                if st.success() {
-                    Ok(())
-                } else {
-                    Err(format!("{cmd:?} failed: {st}").into())
-                }
-            },
-        ));
+/// A guest that lives inside this process (`--vm`), which the CLI reports on.
+pub fn local_guest(kind: Option<&str>) -> Result<Option<StandbyGuest>, String> {
+    match kind {
+        None => Ok(None),
+        Some("kvm-dummy") => StandbyGuest::kvm().map(Some).map_err(|e| e.to_string()),
+        Some("simulated") => StandbyGuest::simulated()
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        Some(other) => Err(format!(
+            "unknown --vm {other:?} (allowed: kvm-dummy, simulated)"
+        )),
     }
-    Ok(Box::new(|_: &TakeoverRecord| -> Result<(), HookError> {
-        log::warn!("no vm_start hook configured: takeover reported only");
-        Ok(())
-    }))
+}
+
+/// The backup's `vm_start` hook, and the local standby guest if `--vm` asked for one.
+pub fn start_hook(a: &BackupArgs) -> Result<(Box<dyn VmStart>, Option<StandbyGuest>), String> {
+    if let Some(cmd) = &a.on_takeover {
+        return Ok((Box::new(CommandHook::new(cmd.clone())), None));
+    }
+    if let Some(path) = &a.qmp {
+        return Ok((Box::new(QmpVm::new(path.clone())), None));
+    }
+    if let Some(guest) = local_guest(a.vm.as_deref())? {
+        return Ok((Box::new(guest.clone()), Some(guest)));
+    }
+    Ok((
+        Box::new(|_: &TakeoverRecord| -> Result<(), HookError> {
+            log::warn!("no vm_start hook configured: takeover reported only");
+            Ok(())
+        }),
+        None,
+    ))
 }
 
 struct NoPause;
@@ -44,26 +51,20 @@ impl VmPause for NoPause {
     }
 }
 
-struct CmdPause(String);
-
-impl VmPause for CmdPause {
-    fn vm_pause(&mut self) -> Result<(), HookError> {
-        let st = Command::new("sh").arg("-c").arg(&self.0).status()?;
-        if st.success() {
-            Ok(())
-        } else {
-            Err(format!("{:?} failed: {st}", self.0).into())
-        }
+/// The source's pause-before-handoff hook, and its running local guest if `--vm` asked for one.
+pub fn pause_hook(a: &SourceArgs) -> Result<(Box<dyn VmPause>, Option<StandbyGuest>), String> {
+    if let Some(cmd) = &a.on_handoff {
+        return Ok((Box::new(CommandHook::new(cmd.clone())), None));
     }
-    fn describe(&self) -> String {
-        format!("command:{}", self.0)
+    if let Some(path) = &a.qmp {
+        return Ok((Box::new(QmpVm::new(path.clone())), None));
     }
-}
-
-/// The source's pause-before-handoff hook.
-pub fn pause_hook(a: &SourceArgs) -> Result<Box<dyn VmPause>, String> {
-    Ok(match &a.on_handoff {
-        Some(cmd) => Box::new(CmdPause(cmd.clone())),
-        None => Box::new(NoPause),
-    })
+    if let Some(guest) = local_guest(a.vm.as_deref())? {
+        // The source's guest is the primary: it runs from the start.
+        guest
+            .start()
+            .map_err(|e| format!("cannot start the local guest: {e}"))?;
+        return Ok((Box::new(guest.clone()), Some(guest)));
+    }
+    Ok((Box::new(NoPause), None))
 }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod events;
+mod guest_report;
 mod hooks;
 mod offloop;
 mod signals;
@@ -24,6 +25,7 @@ use vmm_takeover_core::{
 
 use cli::{BackupArgs, Cli, Command, SourceArgs};
 use events::{emit, unix_us};
+use guest_report::GuestReport;
 use offloop::OffLoop;
 use signals::{SignalKind, Signals};
 
@@ -61,11 +63,24 @@ fn run_loop(em: &mut EventManager<Subscriber>, exit: &Cell<Option<u8>>) -> Resul
     }
 }
 
+/// Reports a local guest every 500 ms, so its counter can be watched from outside.
+fn add_guest_report(
+    em: &mut EventManager<Subscriber>,
+    guest: Option<vmm_takeover_guest::StandbyGuest>,
+) -> Result<(), String> {
+    if let Some(g) = guest {
+        let r = GuestReport::new(g, std::time::Duration::from_millis(500))
+            .map_err(|e| format!("guest report timer: {e}"))?;
+        em.add_subscriber(Rc::new(RefCell::new(r)));
+    }
+    Ok(())
+}
+
 fn run_source(a: SourceArgs) -> Result<u8, String> {
     let mut cfg = SourceConfig::new(a.listen, a.pair_id.clone());
     cfg.keepalive = a.keepalive.spec();
     cfg.heartbeat = a.heartbeat;
-    let pause = hooks::pause_hook(&a)?;
+    let (pause, guest) = hooks::pause_hook(&a)?;
     let listener = SourceListener::new(
         cfg,
         Box::new(|n: &SourceNotice| match n {
@@ -92,6 +107,7 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
     let exit = Rc::new(Cell::new(None));
     let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(source.clone());
+    add_guest_report(&mut em, guest.clone())?;
 
     // The pause hook may be slow (QMP `stop`, a shell command): it runs off the loop and HANDOFF
     // goes out only once it reports success.
@@ -99,6 +115,10 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
     let handoff_task = Rc::new(RefCell::new(
         OffLoop::new(Box::new(move |r: Result<(), String>| match r {
             Ok(()) => {
+                if let Some(g) = &guest {
+                    // Evidence for the record: the local guest is paused before HANDOFF leaves.
+                    GuestReport::report(g);
+                }
                 let n = src.borrow_mut().handoff();
                 emit("handoff-sent", json!({"backups": n}));
                 ex.set(Some(0));
@@ -140,7 +160,10 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
     let mut cfg = BackupConfig::new(a.connect, a.pair_id.clone());
     cfg.keepalive = a.keepalive.spec();
     cfg.heartbeat_misses = a.heartbeat_misses;
-    let hook = hooks::start_hook(&a)?;
+    let (hook, guest) = hooks::start_hook(&a)?;
+    // A local guest keeps running in this process after the takeover: the backup is now the VMM.
+    let keep_running = guest.is_some();
+    let g = guest.clone();
     let exit = Rc::new(Cell::new(None));
     let ex = exit.clone();
     let monitor = BackupMonitor::new(
@@ -194,8 +217,14 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
                 let took_us = took.as_micros() as u64;
                 match result {
                     Ok(()) => {
-                        emit("vm-started", json!({"took_us": took_us}));
-                        ex.set(Some(0));
+                        emit(
+                            "vm-started",
+                            json!({"took_us": took_us,
+                                   "guest_counter": g.as_ref().map(|g| g.counter())}),
+                        );
+                        if !keep_running {
+                            ex.set(Some(0));
+                        }
                     }
                     Err(e) => {
                         emit("vm-start-failed", json!({"error": e, "took_us": took_us}));
@@ -208,6 +237,7 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
     .map_err(|e| e.to_string())?;
     let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(Rc::new(RefCell::new(monitor)));
+    add_guest_report(&mut em, guest)?;
     let ex = exit.clone();
     // A stopped backup simply leaves; the source sees `backup-lost`.
     let sigs = Signals::install(Box::new(move |kind| {

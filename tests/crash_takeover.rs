@@ -69,7 +69,7 @@ fn failing_hook_exits_3() {
     );
     let failed = backup.wait_event("vm-start-failed", EVENT_TIMEOUT);
     assert!(
-        failed["error"].as_str().unwrap().contains("exit status: 7"),
+        failed["error"].as_str().unwrap().contains("exit status 7"),
         "{failed}"
     );
     assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(3));
