@@ -24,6 +24,38 @@ pub enum Command {
     Source(SourceArgs),
     /// Backup side: connect to the source and run the vm_start hook when the source dies.
     Backup(BackupArgs),
+    /// One-command demo on loopback: source and backup with dummy KVM guests, a fault, a timeline.
+    Demo(DemoArgs),
+}
+
+/// The fault the demo injects into the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// SIGKILL: a crash; the backup takes over (`peer-closed`).
+    Kill,
+    /// SIGTERM: an orderly stop; the backup stands down and does NOT take over.
+    Stop,
+    /// SIGUSR1: a planned handoff; the source pauses its guest, then the backup takes over.
+    Handoff,
+}
+
+impl Fault {
+    /// The flag value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Stop => "stop",
+            Fault::Handoff => "handoff",
+        }
+    }
+}
+
+/// `vmm-takeover demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Which failure to inject into the source.
+    #[arg(long, value_enum, default_value_t = Fault::Kill)]
+    pub fault: Fault,
 }
 
 /// Keepalive flags shared by both sides.

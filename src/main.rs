@@ -5,6 +5,7 @@
 //! lifecycle events as JSON lines on stdout. Logs go to stderr (`RUST_LOG`).
 
 mod cli;
+mod demo;
 mod events;
 mod guest_report;
 mod hooks;
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Source(a) => run_source(a),
         Command::Backup(a) => run_backup(a),
+        Command::Demo(a) => demo::run(a).map(|()| 0),
     };
     match r {
         Ok(code) => ExitCode::from(code),
