@@ -238,12 +238,22 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
     )
     .map_err(|e| e.to_string())?;
     let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
-    em.add_subscriber(Rc::new(RefCell::new(monitor)));
+    let monitor = Rc::new(RefCell::new(monitor));
+    em.add_subscriber(monitor.clone());
     add_guest_report(&mut em, guest)?;
     let ex = exit.clone();
-    // A stopped backup simply leaves; the source sees `backup-lost`.
+    // A stopped backup simply leaves (the source sees `backup-lost`), saying how close its
+    // heartbeats came to the deadline: the margin against false takeovers.
     let sigs = Signals::install(Box::new(move |kind| {
         if kind == SignalKind::Stop {
+            let m = monitor.borrow();
+            let st = m.heartbeat_stats();
+            emit(
+                "stopped",
+                json!({"state": format!("{:?}", m.state()), "heartbeats": st.received,
+                       "max_gap_us": st.max_gap.as_micros() as u64,
+                       "deadline_us": m.deadline().map(|d| d.as_micros() as u64)}),
+            );
             ex.set(Some(0))
         }
     }))

@@ -121,6 +121,23 @@ pub enum BackupNotice<'a> {
     },
 }
 
+/// What the backup saw of the source's heartbeats since the link armed: how close the link came
+/// to a (false) takeover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeartbeatStats {
+    /// HEARTBEAT frames received.
+    pub received: u64,
+    /// Longest gap between two heartbeats (or between arming and the first one).
+    pub max_gap: Duration,
+}
+
+impl HeartbeatStats {
+    fn record(&mut self, gap: Duration) {
+        self.received += 1;
+        self.max_gap = self.max_gap.max(gap);
+    }
+}
+
 /// Receives [`BackupNotice`]s on the event loop. Must not block.
 pub type BackupObserver = Box<dyn FnMut(&BackupNotice<'_>)>;
 
@@ -147,6 +164,7 @@ pub struct BackupMonitor {
     heartbeat: Option<Duration>,
     deadline: Option<Duration>,
     last_heartbeat: Instant,
+    stats: HeartbeatStats,
     record: Option<TakeoverRecord>,
     last_errno: Option<i32>,
 }
@@ -176,6 +194,7 @@ impl BackupMonitor {
             heartbeat: None,
             deadline: None,
             last_heartbeat: Instant::now(),
+            stats: HeartbeatStats::default(),
             record: None,
             last_errno: None,
         })
@@ -184,6 +203,16 @@ impl BackupMonitor {
     /// Where the link is.
     pub fn state(&self) -> LinkState {
         self.state
+    }
+
+    /// Heartbeats received on the current link and the longest gap between them.
+    pub fn heartbeat_stats(&self) -> HeartbeatStats {
+        self.stats
+    }
+
+    /// The heartbeat deadline in force (`interval × misses`), in heartbeat mode.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
     }
 
     /// The takeover record, once the backup took over.
@@ -296,6 +325,7 @@ impl BackupMonitor {
             }
         };
         self.deadline = self.heartbeat.map(|hb| hb * self.cfg.heartbeat_misses);
+        self.stats = HeartbeatStats::default();
         if let Some(d) = self.deadline {
             self.last_heartbeat = Instant::now();
             let _ = self.timer.arm(d, None);
@@ -500,7 +530,9 @@ impl BackupMonitor {
                 Err(ProtocolError::Rejected(reason.clone()))
             }
             (LinkState::Armed, Frame::Heartbeat { .. }) if self.heartbeat.is_some() => {
-                self.last_heartbeat = Instant::now();
+                let now = Instant::now();
+                self.stats.record(now - self.last_heartbeat);
+                self.last_heartbeat = now;
                 Ok(LinkEvent::Heartbeat)
             }
             (LinkState::Armed, Frame::StandDown) => Ok(LinkEvent::StandDown),

@@ -21,7 +21,7 @@ pub mod protocol;
 pub mod source;
 pub mod timer;
 
-pub use backup::{BackupConfig, BackupMonitor, BackupNotice};
+pub use backup::{BackupConfig, BackupMonitor, BackupNotice, HeartbeatStats};
 pub use hook::{HookError, TakeoverReason, TakeoverRecord, VmPause, VmStart};
 pub use link::{LinkEvent, LinkState, SocketFailure, Verdict};
 pub use source::{SourceConfig, SourceListener, SourceNotice};
