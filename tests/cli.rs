@@ -135,18 +135,7 @@ fn bad_pair_id_is_refused() {
 #[test]
 fn armed_event_reports_the_keepalive_read_back_from_the_socket() {
     let (source, addr) = start_source("source", "vm-ka", &[]);
-    let backup = Proc::spawn(
-        "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-ka",
-            "--keepalive",
-            "3:2:4",
-        ],
-    );
+    let backup = start_backup("backup", addr, "vm-ka", &["--keepalive", "3:2:4"]);
     let armed = backup.wait_event("armed", EVENT_TIMEOUT);
     let k = &armed["keepalive"];
     assert_eq!(k["enabled"], true);

@@ -10,17 +10,11 @@ fn sigkill_of_source_takes_over_once_with_peer_closed() {
     let dir = TempDir::new("kill");
     let hook_file = dir.path("hook");
     let (source, addr) = start_source("source", "vm-kill", &[]);
-    let mut backup = Proc::spawn(
+    let mut backup = start_backup(
         "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-kill",
-            "--on-takeover",
-            &record_hook(&hook_file),
-        ],
+        addr,
+        "vm-kill",
+        &["--on-takeover", &record_hook(&hook_file)],
     );
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
@@ -49,18 +43,7 @@ fn sigkill_of_source_takes_over_once_with_peer_closed() {
 #[test]
 fn failing_hook_exits_3() {
     let (source, addr) = start_source("source", "vm-hookfail", &[]);
-    let mut backup = Proc::spawn(
-        "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-hookfail",
-            "--on-takeover",
-            "exit 7",
-        ],
-    );
+    let mut backup = start_backup("backup", addr, "vm-hookfail", &["--on-takeover", "exit 7"]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.signal(libc::SIGKILL);
     assert_eq!(

@@ -18,14 +18,11 @@ fn sigstopped_source_is_taken_over_with_heartbeat_timeout() {
     let dir = TempDir::new("hb-stop");
     let hook_file = dir.path("hook");
     let (source, addr) = start_source("source", "vm-hb", &["--heartbeat", "20ms"]);
-    let backup = Proc::spawn(
+    let backup = start_backup(
         "backup",
+        addr,
+        "vm-hb",
         &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-hb",
             "--heartbeat-misses",
             "3",
             "--on-takeover",
@@ -91,10 +88,7 @@ fn late_heartbeats_within_the_deadline_do_not_take_over() {
     // whole interval, yet within the deadline with 100 ms to spare.
     let (addr, done, server) =
         scripted_source(Duration::from_millis(100), Duration::from_millis(200), 10);
-    let backup = Proc::spawn(
-        "backup",
-        &["backup", "--connect", &addr, "--pair-id", "vm-late"],
-    );
+    let backup = start_backup("backup", &addr, "vm-late", &[]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     // While late heartbeats flow, no takeover; once they stop, the deadline takes over.
     let ev = backup.wait_event("takeover", EVENT_TIMEOUT);

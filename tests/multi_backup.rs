@@ -5,29 +5,14 @@ mod common;
 
 use common::*;
 
-fn backup(name: &str, addr: &str, pair: &str, hook: &str) -> Proc {
-    Proc::spawn(
-        name,
-        &[
-            "backup",
-            "--connect",
-            addr,
-            "--pair-id",
-            pair,
-            "--on-takeover",
-            hook,
-        ],
-    )
-}
-
 #[test]
 fn killing_the_source_takes_over_in_both_backups() {
     let dir = TempDir::new("two");
     let (f1, f2) = (dir.path("b1"), dir.path("b2"));
     let (source, addr) = start_source("source", "vm-two", &[]);
     let addr = addr.to_string();
-    let mut b1 = backup("b1", &addr, "vm-two", &record_hook(&f1));
-    let mut b2 = backup("b2", &addr, "vm-two", &record_hook(&f2));
+    let mut b1 = start_backup("b1", &addr, "vm-two", &["--on-takeover", &record_hook(&f1)]);
+    let mut b2 = start_backup("b2", &addr, "vm-two", &["--on-takeover", &record_hook(&f2)]);
     b1.wait_event("armed", EVENT_TIMEOUT);
     b2.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
@@ -51,8 +36,18 @@ fn killing_a_backup_is_reported_and_nothing_else_happens() {
     let (f1, f2) = (dir.path("b1"), dir.path("b2"));
     let (mut source, addr) = start_source("source", "vm-lost", &[]);
     let addr = addr.to_string();
-    let b1 = backup("b1", &addr, "vm-lost", &record_hook(&f1));
-    let mut b2 = backup("b2", &addr, "vm-lost", &record_hook(&f2));
+    let b1 = start_backup(
+        "b1",
+        &addr,
+        "vm-lost",
+        &["--on-takeover", &record_hook(&f1)],
+    );
+    let mut b2 = start_backup(
+        "b2",
+        &addr,
+        "vm-lost",
+        &["--on-takeover", &record_hook(&f2)],
+    );
     b1.wait_event("armed", EVENT_TIMEOUT);
     b2.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);

@@ -44,17 +44,11 @@ fn bad_clients_are_rejected_and_a_real_backup_keeps_working() {
     let hook_file = dir.path("hook");
     let (source, addr) = start_source("source", "vm-neg", &["--keepalive", "1:1:2"]);
     let addr = addr.to_string();
-    let mut backup = Proc::spawn(
+    let mut backup = start_backup(
         "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr,
-            "--pair-id",
-            "vm-neg",
-            "--on-takeover",
-            &record_hook(&hook_file),
-        ],
+        &addr,
+        "vm-neg",
+        &["--on-takeover", &record_hook(&hook_file)],
     );
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
@@ -136,17 +130,11 @@ where
     let dir = TempDir::new("fake");
     let hook_file = dir.path("hook");
     let (addr, server) = fake_source(answer);
-    let mut backup = Proc::spawn(
+    let mut backup = start_backup(
         "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr,
-            "--pair-id",
-            "vm-fake",
-            "--on-takeover",
-            &record_hook(&hook_file),
-        ],
+        &addr,
+        "vm-fake",
+        &["--on-takeover", &record_hook(&hook_file)],
     );
     let r = backup.wait_event("retrying", EVENT_TIMEOUT);
     assert!(
@@ -204,17 +192,11 @@ fn armed_link_with_garbage_after_welcome_retries_not_takes_over() {
         b.extend_from_slice(b"garbage");
         b
     });
-    let mut backup = Proc::spawn(
+    let mut backup = start_backup(
         "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr,
-            "--pair-id",
-            "vm-fake",
-            "--on-takeover",
-            &record_hook(&hook_file),
-        ],
+        &addr,
+        "vm-fake",
+        &["--on-takeover", &record_hook(&hook_file)],
     );
     let r = backup.wait_event("retrying", EVENT_TIMEOUT);
     assert!(r["why"].as_str().unwrap().contains("bad magic"), "{r}");

@@ -5,18 +5,6 @@ mod common;
 
 use common::*;
 
-fn backup_args<'a>(addr: &'a str, pair: &'a str, hook: &'a str) -> Vec<&'a str> {
-    vec![
-        "backup",
-        "--connect",
-        addr,
-        "--pair-id",
-        pair,
-        "--on-takeover",
-        hook,
-    ]
-}
-
 #[test]
 fn sigterm_stands_down_and_never_runs_the_hook() {
     for sig in [libc::SIGTERM, libc::SIGINT] {
@@ -25,7 +13,7 @@ fn sigterm_stands_down_and_never_runs_the_hook() {
         let hook = record_hook(&hook_file);
         let (mut source, addr) = start_source("source", "vm-term", &[]);
         let addr = addr.to_string();
-        let mut backup = Proc::spawn("backup", &backup_args(&addr, "vm-term", &hook));
+        let mut backup = start_backup("backup", &addr, "vm-term", &["--on-takeover", &hook]);
         backup.wait_event("armed", EVENT_TIMEOUT);
         source.wait_event("backup-joined", EVENT_TIMEOUT);
 
@@ -56,7 +44,7 @@ fn sigusr1_pauses_the_source_then_hands_off() {
     );
     let (mut source, addr) = start_source("source", "vm-ho", &["--on-handoff", &pause]);
     let addr = addr.to_string();
-    let mut backup = Proc::spawn("backup", &backup_args(&addr, "vm-ho", &start));
+    let mut backup = start_backup("backup", &addr, "vm-ho", &["--on-takeover", &start]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
 
@@ -83,7 +71,7 @@ fn failed_pause_does_not_hand_off() {
     let hook = record_hook(&hook_file);
     let (mut source, addr) = start_source("source", "vm-hof", &["--on-handoff", "exit 1"]);
     let addr = addr.to_string();
-    let mut backup = Proc::spawn("backup", &backup_args(&addr, "vm-hof", &hook));
+    let mut backup = start_backup("backup", &addr, "vm-hof", &["--on-takeover", &hook]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
     source.signal(libc::SIGUSR1);

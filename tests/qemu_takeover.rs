@@ -38,18 +38,7 @@ fn source_killed_resumes_the_backups_qemu() {
     assert_eq!(status(&standby), "prelaunch");
     let qmp = standby.socket_path().to_str().unwrap().to_string();
     let (source, addr) = start_source("source", "vm-qemu", &[]);
-    let mut backup = Proc::spawn(
-        "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-qemu",
-            "--qmp",
-            &qmp,
-        ],
-    );
+    let mut backup = start_backup("backup", addr, "vm-qemu", &["--qmp", &qmp]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     assert_eq!(
         status(&standby),
@@ -79,18 +68,7 @@ fn handoff_stops_the_source_qemu_before_the_backup_qemu_runs() {
         standby.socket_path().to_str().unwrap().to_string(),
     );
     let (mut source, addr) = start_source("source", "vm-qho", &["--qmp", &pq]);
-    let mut backup = Proc::spawn(
-        "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-qho",
-            "--qmp",
-            &sq,
-        ],
-    );
+    let mut backup = start_backup("backup", addr, "vm-qho", &["--qmp", &sq]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
     source.signal(libc::SIGUSR1);
@@ -115,17 +93,11 @@ fn handoff_stops_the_source_qemu_before_the_backup_qemu_runs() {
 #[test]
 fn missing_qmp_socket_fails_the_hook_with_exit_3() {
     let (source, addr) = start_source("source", "vm-noqmp", &[]);
-    let mut backup = Proc::spawn(
+    let mut backup = start_backup(
         "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr.to_string(),
-            "--pair-id",
-            "vm-noqmp",
-            "--qmp",
-            "/nonexistent/qmp.sock",
-        ],
+        addr,
+        "vm-noqmp",
+        &["--qmp", "/nonexistent/qmp.sock"],
     );
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.signal(libc::SIGKILL);

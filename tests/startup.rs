@@ -11,17 +11,11 @@ fn backup_started_first_retries_then_arms_without_takeover() {
     let hook_file = dir.path("hook");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut backup = Proc::spawn(
+    let mut backup = start_backup(
         "backup",
-        &[
-            "backup",
-            "--connect",
-            &addr,
-            "--pair-id",
-            "vm-early",
-            "--on-takeover",
-            &record_hook(&hook_file),
-        ],
+        &addr,
+        "vm-early",
+        &["--on-takeover", &record_hook(&hook_file)],
     );
     // Refused attempts are retries, never takeovers.
     for _ in 0..3 {

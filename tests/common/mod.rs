@@ -263,3 +263,11 @@ pub fn hook_lines(file: &std::path::Path) -> Vec<String> {
         .map(|s| s.lines().map(str::to_string).collect())
         .unwrap_or_default()
 }
+
+/// Starts `vmm-takeover backup --connect ADDR --pair-id PAIR EXTRA...`.
+pub fn start_backup(name: &str, addr: impl std::fmt::Display, pair: &str, extra: &[&str]) -> Proc {
+    let addr = addr.to_string();
+    let mut args = vec!["backup", "--connect", &addr, "--pair-id", pair];
+    args.extend_from_slice(extra);
+    Proc::spawn(name, &args)
+}
