@@ -118,6 +118,11 @@ pub struct BackupArgs {
     /// In heartbeat mode, take over after this many missed heartbeat intervals (1..=1000).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub heartbeat_misses: u32,
+    /// Rely on the kernel's keepalive timers alone. By default a precise watchdog also enforces
+    /// the keepalive bound from the kernel's own TCP_INFO timestamps: the kernel's jiffy-driven
+    /// probe timers can run up to ~200 ms past the bound.
+    #[arg(long)]
+    pub kernel_keepalive_only: bool,
     /// On takeover, run this through `sh -c` (env: VMM_TAKEOVER_REASON, VMM_TAKEOVER_PAIR_ID).
     #[arg(long, value_name = "CMD", group = "hook")]
     pub on_takeover: Option<String>,

@@ -162,6 +162,7 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
     let mut cfg = BackupConfig::new(a.connect, a.pair_id.clone());
     cfg.keepalive = a.keepalive.spec();
     cfg.heartbeat_misses = a.heartbeat_misses;
+    cfg.keepalive_watchdog = !a.kernel_keepalive_only;
     let (hook, guest) = hooks::start_hook(&a)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
     let keep_running = guest.is_some();
@@ -211,6 +212,7 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
                     "reason": r.reason.as_str(),
                     "pair_id": r.pair_id,
                     "errno": r.errno,
+                    "detail": r.detail,
                     "armed_at_unix_us": unix_us(r.armed_at),
                     "detected_at_unix_us": unix_us(r.detected_at),
                 }),

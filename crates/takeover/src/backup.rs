@@ -45,6 +45,12 @@ pub struct BackupConfig {
     pub heartbeat_min: Duration,
     /// Largest heartbeat interval this backup accepts in a WELCOME.
     pub heartbeat_max: Duration,
+    /// Enforce the keepalive bound with a precise timer of our own as well (takes over as
+    /// `timed-out` once no data or ACK arrived for `idle + intvl × cnt`). The kernel's keepalive
+    /// timers run on jiffies and their lateness adds up over `cnt + 1` hops: up to ~200 ms past
+    /// the bound at HZ=250. The watchdog checks the kernel's own `TCP_INFO` timestamps, so it
+    /// never fires while probes are being answered.
+    pub keepalive_watchdog: bool,
 }
 
 impl BackupConfig {
@@ -60,6 +66,7 @@ impl BackupConfig {
             heartbeat_misses: 3,
             heartbeat_min: Duration::from_millis(1),
             heartbeat_max: Duration::from_secs(60),
+            keepalive_watchdog: true,
         }
     }
 
@@ -163,7 +170,9 @@ pub struct BackupMonitor {
     keepalive: Option<EffectiveKeepalive>,
     heartbeat: Option<Duration>,
     deadline: Option<Duration>,
-    last_heartbeat: Instant,
+    last_rx: Instant,
+    /// The keepalive bound the watchdog enforces, while armed.
+    watchdog: Option<Duration>,
     stats: HeartbeatStats,
     record: Option<TakeoverRecord>,
     last_errno: Option<i32>,
@@ -193,7 +202,8 @@ impl BackupMonitor {
             keepalive: None,
             heartbeat: None,
             deadline: None,
-            last_heartbeat: Instant::now(),
+            last_rx: Instant::now(),
+            watchdog: None,
             stats: HeartbeatStats::default(),
             record: None,
             last_errno: None,
@@ -325,10 +335,14 @@ impl BackupMonitor {
             }
         };
         self.deadline = self.heartbeat.map(|hb| hb * self.cfg.heartbeat_misses);
+        self.watchdog = self
+            .keepalive
+            .and_then(|k| k.bound())
+            .filter(|_| self.cfg.keepalive_watchdog);
         self.stats = HeartbeatStats::default();
-        if let Some(d) = self.deadline {
-            self.last_heartbeat = Instant::now();
-            let _ = self.timer.arm(d, None);
+        self.last_rx = Instant::now();
+        if self.deadline.is_some() || self.watchdog.is_some() {
+            let _ = self.timer.arm(self.next_check(), None);
         }
         let peer = self.cfg.connect;
         info!("link to {peer} armed (pair {})", self.cfg.pair_id);
@@ -361,6 +375,7 @@ impl BackupMonitor {
             keepalive: self.keepalive,
             heartbeat: self.heartbeat,
             errno,
+            detail: detail.to_string(),
         };
         (self.observer)(&BackupNotice::Takeover(&record));
         // `take` makes the hook unreachable after its first use, whatever the state machine says.
@@ -531,8 +546,8 @@ impl BackupMonitor {
             }
             (LinkState::Armed, Frame::Heartbeat { .. }) if self.heartbeat.is_some() => {
                 let now = Instant::now();
-                self.stats.record(now - self.last_heartbeat);
-                self.last_heartbeat = now;
+                self.stats.record(now - self.last_rx);
+                self.last_rx = now;
                 Ok(LinkEvent::Heartbeat)
             }
             (LinkState::Armed, Frame::StandDown) => Ok(LinkEvent::StandDown),
@@ -567,33 +582,89 @@ impl BackupMonitor {
         }
     }
 
+    /// The armed link's one timer: the heartbeat deadline and the keepalive watchdog, whichever
+    /// comes first.
     fn on_deadline(&mut self, ops: &mut EventOps) {
-        let Some(deadline) = self.deadline else {
-            // Keepalive-only link: nothing should be armed; clear a stale expiration.
+        if self.deadline.is_none() && self.watchdog.is_none() {
+            // Nothing should be armed; clear a stale expiration.
             self.timer.expirations();
             return;
-        };
-        // Heartbeats only stamp `last_heartbeat`; the timer is re-armed here, lazily, so a
-        // healthy link costs one timer syscall per deadline rather than one per heartbeat.
-        if self.last_heartbeat.elapsed() >= deadline {
-            // The timer and a heartbeat can be ready in the same epoll batch, the timer first:
-            // drain the socket before judging, so a late loop does not take over on a heartbeat
-            // that already arrived.
+        }
+        // Frames only stamp `last_rx`; the timer is re-armed here, lazily, so a healthy link
+        // costs one timer syscall per deadline rather than one per heartbeat.
+        if self.overdue().is_some() {
+            // The timer and a frame (or an EOF, or an error) can be ready in the same epoll
+            // batch, the timer first: drain the socket before judging, so a late loop neither
+            // takes over on a heartbeat that already arrived nor hides the kernel's own verdict.
             self.read_frames(ops);
             if self.state != LinkState::Armed {
                 return;
             }
         }
-        let since = self.last_heartbeat.elapsed();
-        if since >= deadline {
-            self.handle(
-                ops,
-                LinkEvent::HeartbeatDeadline,
-                &format!("no HEARTBEAT for {since:?} (deadline {deadline:?})"),
-            );
-        } else {
-            let _ = self.timer.arm(deadline - since, None);
+        match self.overdue() {
+            Some((ev, detail)) => {
+                if ev == LinkEvent::Failed(SocketFailure::TimedOut) {
+                    self.last_errno = Some(libc::ETIMEDOUT);
+                }
+                self.handle(ops, ev, &detail)
+            }
+            None => {
+                let next = self.next_check();
+                let _ = self.timer.arm(next, None);
+            }
         }
+    }
+
+    /// Time without a sign of life from the source: our own stamp, refined by the kernel's
+    /// (`TCP_INFO`: last data or ACK received, which keepalive probe answers update) only when
+    /// our stamp alone would say "overdue". Keeps the `getsockopt` off the healthy path.
+    fn silence(&self, limit: Duration) -> Duration {
+        let ours = self.last_rx.elapsed();
+        if ours < limit {
+            return ours;
+        }
+        match self.sock.as_ref().map(tcp_silence) {
+            Some(Ok(kernel)) => ours.min(kernel),
+            _ => ours,
+        }
+    }
+
+    /// The verdict-worthy event if a deadline has passed.
+    fn overdue(&self) -> Option<(LinkEvent, String)> {
+        if let Some(d) = self.deadline {
+            let since = self.last_rx.elapsed();
+            if since >= d {
+                return Some((
+                    LinkEvent::HeartbeatDeadline,
+                    format!("no HEARTBEAT for {since:?} (deadline {d:?})"),
+                ));
+            }
+        }
+        if let Some(b) = self.watchdog {
+            let quiet = self.silence(b);
+            if quiet >= b {
+                return Some((
+                    LinkEvent::Failed(SocketFailure::TimedOut),
+                    format!(
+                        "no data or ACK from the source for {quiet:?}: keepalive bound {b:?} \
+                         passed (precise watchdog)"
+                    ),
+                ));
+            }
+        }
+        None
+    }
+
+    /// When to look again: the nearest deadline.
+    fn next_check(&self) -> Duration {
+        let mut next = Duration::MAX;
+        if let Some(d) = self.deadline {
+            next = next.min(d.saturating_sub(self.last_rx.elapsed()));
+        }
+        if let Some(b) = self.watchdog {
+            next = next.min(b.saturating_sub(self.silence(b)));
+        }
+        next
     }
 
     fn on_hook_done(&mut self) {
@@ -610,6 +681,29 @@ impl BackupMonitor {
             }
         }
     }
+}
+
+/// How long the kernel has heard nothing on `sock`: the lesser of `TCP_INFO`'s time since the last
+/// data and since the last ACK received — the same quantity the kernel's keepalive timer uses.
+fn tcp_silence(sock: &Socket) -> io::Result<Duration> {
+    // SAFETY: tcp_info is plain old data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, a pointer to a properly sized buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let ms = info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv);
+    Ok(Duration::from_millis(ms as u64))
 }
 
 impl MutEventSubscriber for BackupMonitor {

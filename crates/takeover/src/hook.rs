@@ -66,8 +66,11 @@ pub struct TakeoverRecord {
     pub keepalive: Option<EffectiveKeepalive>,
     /// The heartbeat interval announced by the source, if any.
     pub heartbeat: Option<Duration>,
-    /// The raw errno that was classified, if the loss came from a socket error.
+    /// The raw errno that was classified, if the loss came from a socket error (the keepalive
+    /// watchdog reports `ETIMEDOUT`, as the kernel would a moment later).
     pub errno: Option<i32>,
+    /// What exactly was seen, for logs and operators (e.g. "EOF from source").
+    pub detail: String,
 }
 
 /// Starts the standby guest. Implemented by the guest backends (dummy KVM VM, QEMU QMP, command).
