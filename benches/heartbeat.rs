@@ -8,11 +8,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::cell::Cell;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
@@ -92,7 +92,7 @@ type Sub = Box<dyn event_manager::MutEventSubscriber>;
 /// Child mode: one source serving `n` backups at 100 ms heartbeats; prints its figures as JSON.
 fn scale_source(n: usize, secs: u64) {
     raise_nofile();
-    let joined = Rc::new(Cell::new(0usize));
+    let joined = Arc::new(AtomicUsize::new(0));
     let j = joined.clone();
     let mut cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "scale");
     cfg.heartbeat = Some(Duration::from_millis(100));
@@ -100,7 +100,7 @@ fn scale_source(n: usize, secs: u64) {
         cfg,
         Box::new(move |n: &SourceNotice| {
             if let SourceNotice::BackupJoined { .. } = n {
-                j.set(j.get() + 1)
+                j.fetch_add(1, Ordering::Relaxed);
             }
         }),
     )
@@ -111,14 +111,14 @@ fn scale_source(n: usize, secs: u64) {
     let rss0 = rss_kib();
     println!("{}", json!({"listening": addr.to_string()}));
     let t = Instant::now();
-    while joined.get() < n && t.elapsed() < Duration::from_secs(60) {
+    while joined.load(Ordering::Relaxed) < n && t.elapsed() < Duration::from_secs(60) {
         let _ = em.run_with_timeout(100);
     }
     let cpu = measure(&mut em, secs);
     let rss1 = rss_kib();
     println!(
         "{}",
-        json!({"joined": joined.get(), "cpu_pct": cpu.total(), "user_pct": cpu.user,
+        json!({"joined": joined.load(Ordering::Relaxed), "cpu_pct": cpu.total(), "user_pct": cpu.user,
                "system_pct": cpu.system,
                "rss_per_link_kib": (rss1.saturating_sub(rss0)) as f64 / n as f64})
     );
@@ -146,8 +146,8 @@ fn scale(n: usize, secs: u64) -> Value {
     let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     let addr: SocketAddr = first["listening"].as_str().unwrap().parse().unwrap();
 
-    let armed = Rc::new(Cell::new(0usize));
-    let takeovers = Rc::new(Cell::new(0usize));
+    let armed = Arc::new(AtomicUsize::new(0));
+    let takeovers = Arc::new(AtomicUsize::new(0));
     let mut em = EventManager::<Sub>::new_with_capacity(1024).unwrap();
     let rss0 = rss_kib();
     for _ in 0..n {
@@ -159,8 +159,12 @@ fn scale(n: usize, secs: u64) -> Value {
             cfg,
             Box::new(|_: &vmm_takeover_core::TakeoverRecord| Ok(())),
             Box::new(move |ev: &BackupNotice| match ev {
-                BackupNotice::Armed { .. } => a.set(a.get() + 1),
-                BackupNotice::Takeover(_) => t.set(t.get() + 1),
+                BackupNotice::Armed { .. } => {
+                    a.fetch_add(1, Ordering::Relaxed);
+                }
+                BackupNotice::Takeover(_) => {
+                    t.fetch_add(1, Ordering::Relaxed);
+                }
                 _ => {}
             }),
         )
@@ -168,7 +172,7 @@ fn scale(n: usize, secs: u64) -> Value {
         em.add_subscriber(Box::new(m));
     }
     let t0 = Instant::now();
-    while armed.get() < n && t0.elapsed() < Duration::from_secs(60) {
+    while armed.load(Ordering::Relaxed) < n && t0.elapsed() < Duration::from_secs(60) {
         let _ = em.run_with_timeout(100);
     }
     let arm_time = t0.elapsed();
@@ -186,7 +190,7 @@ fn scale(n: usize, secs: u64) -> Value {
     println!("|---|---|---|---|---|---|");
     println!(
         "| backup: one process monitoring {n} links | {} armed in {:.2} s | {backup_cpu:.2} | {:.2} | {:.2} | {backup_rss:.2} |",
-        armed.get(),
+        armed.load(Ordering::Relaxed),
         arm_time.as_secs_f64(),
         cpu.user,
         cpu.system
@@ -202,11 +206,11 @@ fn scale(n: usize, secs: u64) -> Value {
     );
     println!(
         "takeovers during the window (must be 0): {}",
-        takeovers.get()
+        takeovers.load(Ordering::Relaxed)
     );
-    json!({"links": n, "secs": secs, "backup": {"armed": armed.get(), "cpu_pct": backup_cpu,
+    json!({"links": n, "secs": secs, "backup": {"armed": armed.load(Ordering::Relaxed), "cpu_pct": backup_cpu,
            "user_pct": cpu.user, "system_pct": cpu.system,
-           "rss_per_link_kib": backup_rss, "takeovers": takeovers.get()}, "source": src})
+           "rss_per_link_kib": backup_rss, "takeovers": takeovers.load(Ordering::Relaxed)}, "source": src})
 }
 
 fn ensure_stress_ng() -> bool {

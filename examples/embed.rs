@@ -7,8 +7,7 @@
 //!
 //! `cargo run --example embed`
 
-use std::cell::Cell;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -35,8 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("vm_start: resuming the standby guest ({})", r.reason);
         Ok(())
     };
-    let armed = Rc::new(Cell::new(false));
-    let done = Rc::new(Cell::new(false));
+    let armed = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
     let (a, d) = (armed.clone(), done.clone());
     let backup = BackupMonitor::new(
         BackupConfig::new(addr, "vm-1"),
@@ -44,15 +43,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Box::new(move |n: &BackupNotice| {
             println!("backup: {n:?}");
             match n {
-                BackupNotice::Armed { .. } => a.set(true),
-                BackupNotice::HookFinished { .. } => d.set(true),
+                BackupNotice::Armed { .. } => a.store(true, Ordering::Relaxed),
+                BackupNotice::HookFinished { .. } => d.store(true, Ordering::Relaxed),
                 _ => {}
             }
         }),
     )?;
     em.add_subscriber(Arc::new(Mutex::new(backup)));
 
-    while !armed.get() {
+    while !armed.load(Ordering::Relaxed) {
         em.run_with_timeout(1000)
             .map_err(|e| format!("loop: {e:?}"))?;
     }
@@ -61,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "handing off to {} backup(s)",
         source.lock().unwrap().handoff()
     );
-    while !done.get() {
+    while !done.load(Ordering::Relaxed) {
         em.run_with_timeout(1000)
             .map_err(|e| format!("loop: {e:?}"))?;
     }

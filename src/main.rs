@@ -12,9 +12,10 @@ mod hooks;
 mod offloop;
 mod signals;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -55,8 +56,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The exit code an observer asks for. Shared with the observers, which must be `Send`.
+#[derive(Clone, Default)]
+struct Exit(Arc<Mutex<Option<u8>>>);
+
+impl Exit {
+    fn set(&self, code: u8) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(code);
+    }
+
+    fn get(&self) -> Option<u8> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Runs the loop until an observer sets the exit code.
-fn run_loop(em: &mut EventManager<Subscriber>, exit: &Cell<Option<u8>>) -> Result<u8, String> {
+fn run_loop(em: &mut EventManager<Subscriber>, exit: &Exit) -> Result<u8, String> {
     loop {
         if let Some(code) = exit.get() {
             return Ok(code);
@@ -106,7 +121,7 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
                "heartbeat_us": a.heartbeat.map(|h| h.as_micros() as u64)}),
     );
     let source = Rc::new(RefCell::new(listener));
-    let exit = Rc::new(Cell::new(None));
+    let exit = Exit::default();
     let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(source.clone());
     add_guest_report(&mut em, guest.clone())?;
@@ -123,7 +138,7 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
                 }
                 let n = src.borrow_mut().handoff();
                 emit("handoff-sent", json!({"backups": n}));
-                ex.set(Some(0));
+                ex.set(0);
             }
             Err(e) => {
                 // The local guest may still run: handing off now would risk split brain.
@@ -141,7 +156,7 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
         SignalKind::Stop => {
             let n = src.borrow_mut().stand_down();
             emit("stand-down", json!({"backups": n}));
-            ex.set(Some(0));
+            ex.set(0);
         }
         SignalKind::Handoff => match pause.take() {
             Some(mut p) => {
@@ -167,7 +182,7 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
     let keep_running = guest.is_some();
     let g = guest.clone();
-    let exit = Rc::new(Cell::new(None));
+    let exit = Exit::default();
     let ex = exit.clone();
     let monitor = BackupMonitor::new(
         cfg,
@@ -204,7 +219,7 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
             ),
             BackupNotice::StandDown => {
                 emit("stand-down", json!({}));
-                ex.set(Some(0));
+                ex.set(0);
             }
             BackupNotice::Takeover(r) => emit(
                 "takeover",
@@ -227,12 +242,12 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
                                    "guest_counter": g.as_ref().map(|g| g.counter())}),
                         );
                         if !keep_running {
-                            ex.set(Some(0));
+                            ex.set(0);
                         }
                     }
                     Err(e) => {
                         emit("vm-start-failed", json!({"error": e, "took_us": took_us}));
-                        ex.set(Some(EXIT_HOOK_FAILED));
+                        ex.set(EXIT_HOOK_FAILED);
                     }
                 }
             }
@@ -256,7 +271,7 @@ fn run_backup(a: BackupArgs) -> Result<u8, String> {
                        "max_gap_us": st.max_gap.as_micros() as u64,
                        "deadline_us": m.deadline().map(|d| d.as_micros() as u64)}),
             );
-            ex.set(Some(0))
+            ex.set(0)
         }
     }))
     .map_err(|e| format!("signals: {e}"))?;

@@ -145,8 +145,9 @@ impl HeartbeatStats {
     }
 }
 
-/// Receives [`BackupNotice`]s on the event loop. Must not block.
-pub type BackupObserver = Box<dyn FnMut(&BackupNotice<'_>)>;
+/// Receives [`BackupNotice`]s on the event loop. Must not block. `Send`, so that the subscriber
+/// can live in an `Arc<Mutex<_>>` shared with a VMM's API thread, as Firecracker's do.
+pub type BackupObserver = Box<dyn FnMut(&BackupNotice<'_>) + Send>;
 
 type HookResult = (Result<(), String>, Duration);
 

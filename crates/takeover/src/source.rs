@@ -80,8 +80,8 @@ pub enum SourceNotice<'a> {
     },
 }
 
-/// Receives [`SourceNotice`]s on the event loop. Must not block.
-pub type SourceObserver = Box<dyn FnMut(&SourceNotice<'_>)>;
+/// Receives [`SourceNotice`]s on the event loop. Must not block. `Send`, like [`crate::backup::BackupObserver`].
+pub type SourceObserver = Box<dyn FnMut(&SourceNotice<'_>) + Send>;
 
 #[derive(Debug)]
 struct Conn {
