@@ -432,6 +432,53 @@ mod tests {
         assert!(e.contains("pair id may only contain"), "{e}");
     }
 
+    /// xorshift64*: deterministic pseudo-random bytes without a dependency.
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed >> 12;
+        *seed ^= *seed << 25;
+        *seed ^= *seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Random byte streams never panic the decoder and practically never decode to a frame.
+    #[test]
+    fn random_bytes_are_refused() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let mut frames = 0;
+        for _ in 0..100_000 {
+            let len = (rng(&mut seed) % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng(&mut seed) as u8).collect();
+            let mut r = FrameReader::new();
+            r.push(&bytes);
+            while let Ok(Some(_)) = r.next_frame() {
+                frames += 1;
+            }
+        }
+        assert_eq!(frames, 0);
+    }
+
+    /// No single bit flip turns another frame into a HANDOFF (the one frame that starts a guest).
+    #[test]
+    fn no_single_bit_flip_forges_a_handoff() {
+        for f in all_frames() {
+            if f == Frame::Handoff {
+                continue;
+            }
+            let bytes = f.encode();
+            for bit in 0..bytes.len() * 8 {
+                let mut b = bytes.clone();
+                b[bit / 8] ^= 1 << (bit % 8);
+                let mut r = FrameReader::new();
+                r.push(&b);
+                assert_ne!(
+                    r.next_frame(),
+                    Ok(Some(Frame::Handoff)),
+                    "{f:?} with bit {bit} flipped"
+                );
+            }
+        }
+    }
+
     #[test]
     fn pair_id_rules() {
         assert!(validate_pair_id("vm-1.a_b").is_ok());

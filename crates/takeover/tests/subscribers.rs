@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The subscribers in one `EventManager`, as a VMM embeds them: real sockets on loopback.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberId, SubscriberOps};
+use vmm_takeover_core::{
+    BackupConfig, BackupMonitor, BackupNotice, HookError, LinkState, SourceConfig, SourceListener,
+    SourceNotice, TakeoverReason, TakeoverRecord,
+};
+
+type Sub = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Generous bound for anything that should take milliseconds.
+const BOUND: Duration = Duration::from_secs(20);
+
+fn source(
+    em: &mut EventManager<Sub>,
+    heartbeat: Option<Duration>,
+) -> (Arc<Mutex<SourceListener>>, SubscriberId) {
+    let mut cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "pair");
+    cfg.heartbeat = heartbeat;
+    let s = Arc::new(Mutex::new(
+        SourceListener::new(cfg, Box::new(|_: &SourceNotice| {})).unwrap(),
+    ));
+    let id = em.add_subscriber(s.clone());
+    (s, id)
+}
+
+/// A backup whose notices are forwarded as strings, and whose hook is `hook`.
+fn backup<H>(
+    em: &mut EventManager<Sub>,
+    src: &Arc<Mutex<SourceListener>>,
+    hook: H,
+) -> (Arc<Mutex<BackupMonitor>>, mpsc::Receiver<String>)
+where
+    H: FnMut(&TakeoverRecord) -> Result<(), HookError> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let addr = src.lock().unwrap().local_addr();
+    let m = BackupMonitor::new(
+        BackupConfig::new(addr, "pair"),
+        Box::new(hook),
+        Box::new(move |n: &BackupNotice| {
+            let s = match n {
+                BackupNotice::Armed { .. } => "armed".to_string(),
+                BackupNotice::StandDown => "stand-down".to_string(),
+                BackupNotice::Takeover(r) => format!("takeover {}", r.reason),
+                BackupNotice::HookFinished { result, .. } => format!("hook-finished {result:?}"),
+                _ => return,
+            };
+            let _ = tx.send(s);
+        }),
+    )
+    .unwrap();
+    let m = Arc::new(Mutex::new(m));
+    em.add_subscriber(m.clone());
+    (m, rx)
+}
+
+/// Runs the loop until `rx` yields `want`; panics after `BOUND`.
+fn run_until(em: &mut EventManager<Sub>, rx: &mpsc::Receiver<String>, want: &str) {
+    let t = Instant::now();
+    loop {
+        while let Ok(s) = rx.try_recv() {
+            if s == want {
+                return;
+            }
+        }
+        assert!(t.elapsed() < BOUND, "no {want:?} within {BOUND:?}");
+        em.run_with_timeout(50).unwrap();
+    }
+}
+
+#[test]
+fn stand_down_in_process_runs_no_hook() {
+    let mut em = EventManager::<Sub>::new().unwrap();
+    let (src, _) = source(&mut em, None);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let (m, rx) = backup(&mut em, &src, move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    run_until(&mut em, &rx, "armed");
+    assert_eq!(src.lock().unwrap().stand_down(), 1);
+    run_until(&mut em, &rx, "stand-down");
+    assert_eq!(m.lock().unwrap().state(), LinkState::StoodDown);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn dropping_the_source_subscriber_takes_over_once() {
+    let mut em = EventManager::<Sub>::new().unwrap();
+    let (src, id) = source(&mut em, None);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let (m, rx) = backup(&mut em, &src, move |_| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    });
+    run_until(&mut em, &rx, "armed");
+    // The source VMM vanishes: its subscriber and sockets are dropped without a STAND_DOWN.
+    drop(em.remove_subscriber(id).unwrap());
+    drop(src);
+    run_until(&mut em, &rx, "takeover peer-closed");
+    run_until(&mut em, &rx, "hook-finished Ok(())");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let r = m.lock().unwrap().record().cloned().unwrap();
+    assert_eq!(r.reason, TakeoverReason::PeerClosed);
+    assert_eq!(r.pair_id, "pair");
+    assert!(r.keepalive.unwrap().bound() == Some(Duration::from_secs(6)));
+}
+
+/// The VMM loop keeps serving while `vm_start` takes its time on its own thread.
+#[test]
+fn a_slow_hook_never_blocks_the_event_loop() {
+    let mut em = EventManager::<Sub>::new().unwrap();
+    let (src, _) = source(&mut em, Some(Duration::from_millis(5)));
+    let hook_time = Duration::from_millis(1500);
+    let (_m, rx) = backup(&mut em, &src, move |_| {
+        std::thread::sleep(hook_time);
+        Ok(())
+    });
+    run_until(&mut em, &rx, "armed");
+    assert_eq!(src.lock().unwrap().handoff(), 1);
+    run_until(&mut em, &rx, "takeover handoff");
+    // While the hook sleeps, every turn of the loop returns within its own timeout.
+    let t = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut finished = false;
+    while !finished {
+        let turn = Instant::now();
+        em.run_with_timeout(10).unwrap();
+        longest = longest.max(turn.elapsed());
+        finished = rx.try_recv().is_ok_and(|s| s.starts_with("hook-finished"));
+        assert!(t.elapsed() < BOUND);
+    }
+    assert!(t.elapsed() >= hook_time - Duration::from_millis(100));
+    assert!(
+        longest < hook_time / 2,
+        "a loop turn took {longest:?}: the hook blocked the loop"
+    );
+}
