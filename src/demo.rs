@@ -108,6 +108,14 @@ impl Demo {
         }
     }
 
+    /// Starts this binary as `who`; the child is killed when the demo ends.
+    fn start(&mut self, who: Who, args: &[&str]) -> Result<i32, String> {
+        let child = spawn(who, args, self.tx.clone())?;
+        let pid = child.id() as i32;
+        self.children.push(child);
+        Ok(pid)
+    }
+
     fn event(&self, who: Who, name: &str) -> Result<Value, String> {
         self.wait(who, name, |v| v["event"] == name)
     }
@@ -158,7 +166,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         a.fault.as_str()
     );
 
-    let src = spawn(
+    let src_pid = d.start(
         Who::Source,
         &[
             "source",
@@ -169,10 +177,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             "--vm",
             kind,
         ],
-        d.tx.clone(),
     )?;
-    let src_pid = src.id() as i32;
-    d.children.push(src);
     let l = d.event(Who::Source, "listening")?;
     let addr = l["addr"].as_str().unwrap_or_default().to_string();
     d.line(
@@ -181,7 +186,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         &format!("listening on {addr}, pid {src_pid}"),
     );
 
-    let bak = spawn(
+    let bak_pid = d.start(
         Who::Backup,
         &[
             "backup",
@@ -192,10 +197,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             "--vm",
             kind,
         ],
-        d.tx.clone(),
     )?;
-    let bak_pid = bak.id() as i32;
-    d.children.push(bak);
     let armed = d.event(Who::Backup, "armed")?;
     let k = &armed["keepalive"];
     d.line(
