@@ -100,3 +100,23 @@ fn late_heartbeats_within_the_deadline_do_not_take_over() {
     drop(backup);
     server.join().unwrap();
 }
+
+#[test]
+fn stopped_backup_reports_heartbeats_and_the_longest_gap() {
+    let (_source, addr) = start_source("source", "vm-stats", &["--heartbeat", "20ms"]);
+    let mut backup = start_backup("backup", addr, "vm-stats", &[]);
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    // Nothing announces a heartbeat, so let about 25 of them flow; the assertions below only
+    // need a fifth of that.
+    std::thread::sleep(Duration::from_millis(500));
+    backup.signal(libc::SIGTERM);
+    let st = backup.wait_event("stopped", EVENT_TIMEOUT);
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(st["state"], "Armed");
+    assert_eq!(st["deadline_us"], 60_000);
+    let n = st["heartbeats"].as_u64().unwrap();
+    let gap = st["max_gap_us"].as_u64().unwrap();
+    assert!(n >= 5, "only {n} heartbeats in 500 ms at 20 ms: {st}");
+    assert!(gap > 0 && gap < 60_000, "longest gap {gap} us: {st}");
+    assert_eq!(backup.count("takeover"), 0);
+}

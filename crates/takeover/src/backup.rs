@@ -484,16 +484,13 @@ impl BackupMonitor {
                     loop {
                         match self.reader.next_frame() {
                             Ok(Some(f)) => {
-                                let ev = self.frame_event(&f);
-                                let detail = match &ev {
-                                    Err(e) => e.to_string(),
-                                    Ok(_) => f.name().to_string(),
-                                };
-                                match ev {
-                                    Ok(ev) => self.handle(ops, ev, &detail),
+                                // No allocation on the heartbeat path: the detail of a good
+                                // frame is its static name.
+                                match self.frame_event(&f) {
+                                    Ok(ev) => self.handle(ops, ev, f.name()),
                                     Err(e) => {
                                         error!("protocol error from {}: {e}", self.cfg.connect);
-                                        self.handle(ops, LinkEvent::ProtocolError, &detail);
+                                        self.handle(ops, LinkEvent::ProtocolError, &e.to_string());
                                     }
                                 }
                             }
