@@ -364,9 +364,6 @@ impl BackupMonitor {
     ) {
         let detected_instant = Instant::now();
         let detected_at = SystemTime::now();
-        self.drop_socket(ops);
-        let _ = self.timer.disarm();
-        warn!("taking over: {reason} ({detail})");
         let record = TakeoverRecord {
             reason,
             pair_id: self.cfg.pair_id.clone(),
@@ -378,43 +375,50 @@ impl BackupMonitor {
             errno,
             detail: detail.to_string(),
         };
+        // The guest first: everything else (closing the link, logs, the owner's notice, which
+        // may print) happens while vm_start already runs.
+        let spawn_error = self.spawn_hook(ops, &record);
+        self.drop_socket(ops);
+        let _ = self.timer.disarm();
+        warn!("taking over: {reason} ({detail})");
         (self.observer)(&BackupNotice::Takeover(&record));
-        // `take` makes the hook unreachable after its first use, whatever the state machine says.
-        if let Some(mut hook) = self.hook.take() {
-            let (tx, rx) = mpsc::channel();
-            self.hook_rx = Some(rx);
-            let done = match EventFd::new(EFD_NONBLOCK) {
-                Ok(evt) => {
-                    if let Err(e) = ops.add(Events::with_data(&evt, TOKEN_HOOK_DONE, EventSet::IN))
-                    {
-                        error!("cannot register the vm_start completion eventfd: {e:?}");
-                    }
-                    let clone = evt.try_clone();
-                    self.hook_done = Some(evt);
-                    clone
-                }
-                Err(e) => Err(e),
-            };
-            let rec = record.clone();
-            let spawned = std::thread::Builder::new()
-                .name("vm-start".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    let r = hook.vm_start(&rec).map_err(|e| e.to_string());
-                    let _ = tx.send((r, t.elapsed()));
-                    if let Ok(done) = done {
-                        let _ = done.write(1);
-                    }
-                });
-            if let Err(e) = spawned {
-                error!("cannot spawn the vm_start thread: {e}");
-                (self.observer)(&BackupNotice::HookFinished {
-                    result: Err(format!("cannot spawn the vm_start thread: {e}")),
-                    took: Duration::ZERO,
-                });
-            }
+        if let Some(e) = spawn_error {
+            error!("{e}");
+            (self.observer)(&BackupNotice::HookFinished {
+                result: Err(e),
+                took: Duration::ZERO,
+            });
         }
         self.record = Some(record);
+    }
+
+    /// Runs the hook on a thread of its own; its result comes back through an eventfd. Returns
+    /// why it could not be started, if so.
+    fn spawn_hook(&mut self, ops: &mut EventOps, record: &TakeoverRecord) -> Option<String> {
+        // `take` makes the hook unreachable after its first use, whatever the state machine says.
+        let mut hook = self.hook.take()?;
+        let evt = match EventFd::new(EFD_NONBLOCK).and_then(|e| Ok((e.try_clone()?, e))) {
+            Ok(pair) => pair,
+            Err(e) => return Some(format!("cannot create the vm_start eventfd: {e}")),
+        };
+        if let Err(e) = ops.add(Events::with_data(&evt.1, TOKEN_HOOK_DONE, EventSet::IN)) {
+            return Some(format!("cannot register the vm_start eventfd: {e:?}"));
+        }
+        let (done, evt) = evt;
+        self.hook_done = Some(evt);
+        let (tx, rx) = mpsc::channel();
+        self.hook_rx = Some(rx);
+        let rec = record.clone();
+        std::thread::Builder::new()
+            .name("vm-start".into())
+            .spawn(move || {
+                let t = Instant::now();
+                let r = hook.vm_start(&rec).map_err(|e| e.to_string());
+                let _ = tx.send((r, t.elapsed()));
+                let _ = done.write(1);
+            })
+            .err()
+            .map(|e| format!("cannot spawn the vm_start thread: {e}"))
     }
 
     fn on_socket(&mut self, ops: &mut EventOps, set: EventSet) {
