@@ -85,7 +85,7 @@ pub struct SourceArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
     /// The VM pair id (1..=64 of A-Z a-z 0-9 . _ -); backups must present the same.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse_pair_id)]
     pub pair_id: String,
     #[command(flatten)]
     pub keepalive: KeepaliveArgs,
@@ -111,7 +111,7 @@ pub struct BackupArgs {
     #[arg(long, value_name = "ADDR")]
     pub connect: SocketAddr,
     /// The VM pair id; must match the source's.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse_pair_id)]
     pub pair_id: String,
     #[command(flatten)]
     pub keepalive: KeepaliveArgs,
@@ -133,6 +133,11 @@ pub struct BackupArgs {
     /// On takeover, send QMP `cont` to this QEMU socket and wait for `running`.
     #[arg(long, value_name = "PATH", group = "hook")]
     pub qmp: Option<PathBuf>,
+}
+
+fn parse_pair_id(s: &str) -> Result<String, String> {
+    vmm_takeover_core::protocol::validate_pair_id(s)?;
+    Ok(s.to_string())
 }
 
 fn parse_keepalive(s: &str) -> Result<KeepaliveSpec, String> {

@@ -128,7 +128,7 @@ fn bad_pair_id_is_refused() {
         "--pair-id",
         "no spaces",
     ]);
-    assert_ne!(code, Some(0));
+    assert_eq!(code, Some(2));
     assert!(err.contains("pair id may only contain"), "{err}");
 }
 

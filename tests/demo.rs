@@ -47,3 +47,31 @@ fn demo_handoff_pauses_then_takes_over() {
     assert!(out.contains("reason handoff"), "{out}");
     assert!(out.contains("RESULT: takeover verified"), "{out}");
 }
+
+/// Without a usable /dev/kvm the demo says so and runs a clearly labelled simulation. /dev/kvm is
+/// hidden by bind-mounting /dev/null over it in a private mount namespace (root only).
+#[test]
+fn demo_without_kvm_falls_back_to_a_labelled_simulation() {
+    let probe = Command::new("unshare")
+        .args(["-m", "sh", "-c", "mount --bind /dev/null /dev/kvm"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        println!("SKIPPED: cannot hide /dev/kvm (needs root and unshare -m)");
+        eprintln!("SKIPPED: cannot hide /dev/kvm (needs root and unshare -m)");
+        return;
+    }
+    let script = format!(
+        "mount --bind /dev/null /dev/kvm && exec {} demo --fault kill",
+        bin().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("/dev/kvm is not usable"), "{stdout}");
+    assert!(stdout.contains("SIMULATED guest"), "{stdout}");
+    assert!(stdout.contains("RESULT: takeover verified"), "{stdout}");
+}

@@ -82,6 +82,12 @@ pub enum KvmDummyError {
     /// Another error opening `/dev/kvm`.
     #[error("cannot open /dev/kvm: {0}")]
     KvmOpen(#[source] errno::Error),
+    /// `/dev/kvm` opened but does not answer `KVM_GET_API_VERSION` with 12.
+    #[error(
+        "/dev/kvm is not a KVM device (KVM_GET_API_VERSION answered {0}, expected 12), \
+         or use the simulated VM instead"
+    )]
+    KvmNotKvm(i32),
     /// A KVM ioctl failed while setting the VM up.
     #[error("KVM {op} failed: {source}")]
     Kvm {
@@ -217,12 +223,17 @@ fn vcpu_loop(mut ctx: VcpuContext, gate: Arc<Gate>) {
 
 /// Opens `/dev/kvm`, mapping the usual failures to errors that say what to do.
 fn open_kvm() -> Result<Kvm, KvmDummyError> {
-    Kvm::new().map_err(|e| match e.errno() {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT => KvmDummyError::KvmMissing,
         libc::EACCES | libc::EPERM => KvmDummyError::KvmPermission,
         libc::ENXIO | libc::ENODEV => KvmDummyError::KvmNoDevice(e),
         _ => KvmDummyError::KvmOpen(e),
-    })
+    })?;
+    // Opening proves little (a container may bind something else over /dev/kvm): ask it.
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(KvmDummyError::KvmNotKvm(v)),
+    }
 }
 
 fn setup() -> Result<VcpuContext, KvmDummyError> {
@@ -303,7 +314,7 @@ impl std::fmt::Debug for DummyVm {
 }
 
 impl DummyVm {
-    /// Checks that `/dev/kvm` can be opened, without creating a VM.
+    /// Checks that `/dev/kvm` opens and answers as KVM, without creating a VM.
     pub fn probe() -> Result<(), KvmDummyError> {
         open_kvm().map(drop)
     }
