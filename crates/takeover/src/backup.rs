@@ -277,6 +277,7 @@ impl BackupMonitor {
         Ok(sock)
     }
 
+    /// Closes the link and stops its timer.
     fn drop_socket(&mut self, ops: &mut EventOps) {
         if let Some(sock) = self.sock.take() {
             // Deregister before close so that a recycled fd number never meets a stale entry.
@@ -310,7 +311,6 @@ impl BackupMonitor {
             Verdict::StandDown => {
                 info!("source stood down in order: not taking over");
                 self.drop_socket(ops);
-                let _ = self.timer.disarm();
                 (self.observer)(&BackupNotice::StandDown);
             }
             Verdict::TakeOver(reason) => {
@@ -379,7 +379,6 @@ impl BackupMonitor {
         // may print) happens while vm_start already runs.
         let spawn_error = self.spawn_hook(ops, &record);
         self.drop_socket(ops);
-        let _ = self.timer.disarm();
         warn!("taking over: {reason} ({detail})");
         (self.observer)(&BackupNotice::Takeover(&record));
         if let Some(e) = spawn_error {
