@@ -392,19 +392,18 @@ impl BackupMonitor {
     }
 
     /// Runs the hook on a thread of its own; its result comes back through an eventfd. Returns
-    /// why it could not be started, if so.
+    /// why it could not be started, if so. Should the eventfd be unavailable (fd exhaustion),
+    /// the hook still runs: a guest started without a report beats a guest not started.
     fn spawn_hook(&mut self, ops: &mut EventOps, record: &TakeoverRecord) -> Option<String> {
         // `take` makes the hook unreachable after its first use, whatever the state machine says.
         let mut hook = self.hook.take()?;
-        let evt = match EventFd::new(EFD_NONBLOCK).and_then(|e| Ok((e.try_clone()?, e))) {
-            Ok(pair) => pair,
-            Err(e) => return Some(format!("cannot create the vm_start eventfd: {e}")),
+        let done = match self.completion_fd(ops) {
+            Ok(done) => Some(done),
+            Err(e) => {
+                error!("vm_start runs, but its result cannot be reported: {e}");
+                None
+            }
         };
-        if let Err(e) = ops.add(Events::with_data(&evt.1, TOKEN_HOOK_DONE, EventSet::IN)) {
-            return Some(format!("cannot register the vm_start eventfd: {e:?}"));
-        }
-        let (done, evt) = evt;
-        self.hook_done = Some(evt);
         let (tx, rx) = mpsc::channel();
         self.hook_rx = Some(rx);
         let rec = record.clone();
@@ -413,11 +412,27 @@ impl BackupMonitor {
             .spawn(move || {
                 let t = Instant::now();
                 let r = hook.vm_start(&rec).map_err(|e| e.to_string());
+                match &r {
+                    Ok(()) => info!("vm_start done in {:?}", t.elapsed()),
+                    Err(e) => error!("vm_start failed after {:?}: {e}", t.elapsed()),
+                }
                 let _ = tx.send((r, t.elapsed()));
-                let _ = done.write(1);
+                if let Some(done) = done {
+                    let _ = done.write(1);
+                }
             })
             .err()
             .map(|e| format!("cannot spawn the vm_start thread: {e}"))
+    }
+
+    /// The eventfd the hook thread signals, registered on the loop; returns the thread's copy.
+    fn completion_fd(&mut self, ops: &mut EventOps) -> io::Result<EventFd> {
+        let evt = EventFd::new(EFD_NONBLOCK)?;
+        let theirs = evt.try_clone()?;
+        ops.add(Events::with_data(&evt, TOKEN_HOOK_DONE, EventSet::IN))
+            .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        self.hook_done = Some(evt);
+        Ok(theirs)
     }
 
     fn on_socket(&mut self, ops: &mut EventOps, set: EventSet) {
@@ -674,10 +689,6 @@ impl BackupMonitor {
         }
         if let Some(rx) = self.hook_rx.as_ref() {
             if let Ok((result, took)) = rx.try_recv() {
-                match &result {
-                    Ok(()) => info!("vm_start finished in {took:?}"),
-                    Err(e) => error!("vm_start failed after {took:?}: {e}"),
-                }
                 (self.observer)(&BackupNotice::HookFinished { result, took });
             }
         }
