@@ -151,3 +151,29 @@ fn armed_event_reports_the_keepalive_read_back_from_the_socket() {
         "{joined}"
     );
 }
+
+#[test]
+fn keepalive_off_and_an_explicit_user_timeout_read_back() {
+    let (_source, addr) = start_source("source", "vm-ka2", &[]);
+    let off = start_backup(
+        "off",
+        addr,
+        "vm-ka2",
+        &["--keepalive", "off", "--user-timeout", "off"],
+    );
+    let k = off.wait_event("armed", EVENT_TIMEOUT)["keepalive"].clone();
+    assert_eq!(k["enabled"], false, "{k}");
+    assert_eq!(k["bound_ms"], serde_json::Value::Null, "{k}");
+    assert_eq!(k["user_timeout_ms"], serde_json::Value::Null, "{k}");
+
+    let ut = start_backup(
+        "ut",
+        addr,
+        "vm-ka2",
+        &["--keepalive", "2:1:3", "--user-timeout", "2500ms"],
+    );
+    let k = ut.wait_event("armed", EVENT_TIMEOUT)["keepalive"].clone();
+    assert_eq!(k["enabled"], true, "{k}");
+    assert_eq!(k["bound_ms"], 5_000, "{k}");
+    assert_eq!(k["user_timeout_ms"], 2_500, "{k}");
+}
