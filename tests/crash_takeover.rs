@@ -57,3 +57,29 @@ fn failing_hook_exits_3() {
     );
     assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(3));
 }
+
+#[test]
+fn ipv6_loopback_link_works_end_to_end() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        println!("SKIPPED: no IPv6 loopback on this machine");
+        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        return;
+    }
+    let source = Proc::spawn(
+        "source",
+        &["source", "--listen", "[::1]:0", "--pair-id", "vm-v6"],
+    );
+    let addr = source.wait_event("listening", EVENT_TIMEOUT)["addr"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(addr.starts_with("[::1]:"), "{addr}");
+    let mut backup = start_backup("backup", &addr, "vm-v6", &[]);
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.signal(libc::SIGKILL);
+    assert_eq!(
+        backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],
+        "peer-closed"
+    );
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+}
