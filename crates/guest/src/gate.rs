@@ -274,3 +274,212 @@ impl Drop for WorkerGuard {
         self.0.worker_finished();
     }
 }
+
+/// How long `vm_start` waits for the first guest exit (or simulated tick) after releasing it.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `pause` waits for the worker to park.
+pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Owner of a standby guest's worker thread: when the last handle goes, the thread is stopped and
+/// joined.
+struct Owner {
+    kind: &'static str,
+    gate: Arc<Gate>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.gate.shutdown();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                log::error!("{}: the guest's worker thread panicked", self.kind);
+            }
+        }
+    }
+}
+
+/// The controls every standby guest shares ([`crate::DummyVm`], [`crate::SimulatedVm`] deref to
+/// it): start, pause, and what the host can observe of the guest. Cheap to clone: clones control
+/// the same guest, so the CLI can keep one to read the counter while the takeover core owns another
+/// as its hook.
+#[derive(Clone)]
+pub struct GuestControl {
+    owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for GuestControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(self.owner.kind)
+            .field("counter", &self.counter())
+            .field("exits", &self.exits())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl GuestControl {
+    /// Spawns the paused worker: `work` runs on its own thread and must ask the gate
+    /// (`wait_runnable`) before every step.
+    pub(crate) fn spawn<F>(kind: &'static str, thread_name: &str, work: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(Arc<Gate>) + Send + 'static,
+    {
+        let gate = Arc::new(Gate::default());
+        let worker = gate.clone();
+        let handle = std::thread::Builder::new()
+            .name(thread_name.into())
+            .spawn(move || work(worker))?;
+        Ok(GuestControl {
+            owner: Arc::new(Owner {
+                kind,
+                gate,
+                thread: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    fn gate(&self) -> &Gate {
+        &self.owner.gate
+    }
+
+    /// `"kvm-dummy"` or `"simulated"`.
+    pub fn kind(&self) -> &'static str {
+        self.owner.kind
+    }
+
+    /// The last counter value the guest produced (0 before it ever ran).
+    pub fn counter(&self) -> u64 {
+        self.gate().counter()
+    }
+
+    /// How many guest exits (or simulated ticks) the worker has handled.
+    pub fn exits(&self) -> u64 {
+        self.gate().exits()
+    }
+
+    /// Whether the guest is released (started and not paused) and its worker alive.
+    pub fn is_running(&self) -> bool {
+        self.gate().is_running()
+    }
+
+    /// Releases the worker and returns at once. `Ok(true)` if the guest was paused and now runs;
+    /// `Ok(false)` if it already ran (nothing changes, `started_at` is kept).
+    pub fn start(&self) -> Result<bool, GuestStateError> {
+        let started = self.gate().start()?;
+        if started {
+            log::info!("{}: guest released", self.kind());
+        }
+        Ok(started)
+    }
+
+    /// Stops the guest after its current step. Returns once the worker has parked (`Ok(true)` if
+    /// it was running). `start` resumes where the guest stopped.
+    pub fn pause(&self) -> Result<bool, GuestStateError> {
+        let was_running = self.gate().pause(DEFAULT_PAUSE_TIMEOUT)?;
+        if was_running {
+            log::info!(
+                "{}: guest paused at counter {}",
+                self.kind(),
+                self.counter()
+            );
+        }
+        Ok(was_running)
+    }
+
+    /// When the guest was last released (paused → running).
+    pub fn started_at(&self) -> Option<Instant> {
+        self.gate().started_at()
+    }
+
+    /// When the first exit (or tick) after the last release arrived.
+    pub fn first_exit_after_start(&self) -> Option<Instant> {
+        self.gate().first_exit_after_start()
+    }
+
+    /// How many times the guest was released (paused → running).
+    pub fn starts(&self) -> u64 {
+        self.gate().starts()
+    }
+
+    /// Waits (without polling) for the first exit after the last release.
+    pub fn wait_first_exit(&self, timeout: Duration) -> Result<Instant, GuestStateError> {
+        self.gate().wait_first_exit(timeout)
+    }
+
+    /// Waits (without polling) until the counter is at least `min`; `false` on timeout.
+    pub fn wait_for_counter(&self, min: u64, timeout: Duration) -> bool {
+        self.gate().wait_for_counter(min, timeout)
+    }
+
+    /// Why the worker stopped, if the guest failed.
+    pub fn failure(&self) -> Option<String> {
+        self.gate().failure()
+    }
+}
+
+impl vmm_takeover_core::VmStart for GuestControl {
+    /// Releases the guest and returns once its first exit proves that it runs.
+    fn vm_start(
+        &mut self,
+        record: &vmm_takeover_core::TakeoverRecord,
+    ) -> Result<(), vmm_takeover_core::HookError> {
+        log::debug!("{}: vm_start ({})", self.kind(), record.reason);
+        self.start()?;
+        self.wait_first_exit(DEFAULT_START_TIMEOUT)?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.kind().to_string()
+    }
+}
+
+impl vmm_takeover_core::VmPause for GuestControl {
+    fn vm_pause(&mut self) -> Result<(), vmm_takeover_core::HookError> {
+        self.pause()?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.kind().to_string()
+    }
+}
+
+/// Implements `Deref<Target = GuestControl>`, `VmStart` and `VmPause` for a guest type that wraps
+/// a `GuestControl` in its field `0`.
+macro_rules! guest_control {
+    ($ty:ty) => {
+        impl std::ops::Deref for $ty {
+            type Target = $crate::gate::GuestControl;
+            fn deref(&self) -> &Self::Target {
+                &self.0
+            }
+        }
+
+        impl vmm_takeover_core::VmStart for $ty {
+            fn vm_start(
+                &mut self,
+                record: &vmm_takeover_core::TakeoverRecord,
+            ) -> Result<(), vmm_takeover_core::HookError> {
+                self.0.vm_start(record)
+            }
+
+            fn describe(&self) -> String {
+                vmm_takeover_core::VmStart::describe(&self.0)
+            }
+        }
+
+        impl vmm_takeover_core::VmPause for $ty {
+            fn vm_pause(&mut self) -> Result<(), vmm_takeover_core::HookError> {
+                self.0.vm_pause()
+            }
+
+            fn describe(&self) -> String {
+                vmm_takeover_core::VmPause::describe(&self.0)
+            }
+        }
+    };
+}
+pub(crate) use guest_control;

@@ -3,24 +3,21 @@
 //!
 //! The guest is nine bytes of 16-bit real-mode code that counts forever and writes the count to
 //! [`COUNTER_PORT`]. Every `out` is a VM exit, so the host sees each increment, and the vCPU thread
-//! gets control back every few microseconds: that is what lets [`DummyVm::pause`] park it without
+//! gets control back every few microseconds: that is what lets [`GuestControl::pause`] park it without
 //! signals or `immediate_exit`.
 //!
 //! The VM is created *paused*: memory, vCPU and registers are set up and the vCPU thread is spawned,
-//! but it blocks before its first `KVM_RUN` until [`DummyVm::start`].
+//! but it blocks before its first `KVM_RUN` until [`GuestControl::start`].
 
 use std::ptr::NonNull;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use log::{debug, error, info};
+use log::{debug, error};
 use vmm_sys_util::errno;
-use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
 
-use crate::gate::{Gate, GuestStateError, WorkerGuard};
+use crate::gate::{guest_control, Gate, GuestControl, GuestStateError, WorkerGuard};
 
 /// The I/O port the dummy guest writes its 32-bit counter to (a port no real device uses here:
 /// this VM has no devices at all).
@@ -53,10 +50,7 @@ pub const GUEST_CODE: [u8; 9] = [
     0xfa,
 ];
 
-/// How long `vm_start` waits for the first guest exit before reporting failure.
-pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `pause` waits for the vCPU thread to park.
-pub const DEFAULT_PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub use crate::gate::{DEFAULT_PAUSE_TIMEOUT, DEFAULT_START_TIMEOUT};
 
 /// Errors of the dummy KVM guest.
 #[derive(Debug, thiserror::Error)]
@@ -277,41 +271,13 @@ fn setup() -> Result<VcpuContext, KvmDummyError> {
     })
 }
 
-/// Owner of the vCPU thread: when the last [`DummyVm`] clone goes, the thread is stopped and joined.
-struct Inner {
-    gate: Arc<Gate>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The guest exits on every `out`, so the vCPU thread sees the shutdown within microseconds.
-        self.gate.shutdown();
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                error!("kvm-dummy: the vCPU thread panicked");
-            }
-        }
-    }
-}
-
 /// A tiny real KVM guest, created paused. Cheap to clone: clones share the same VM, so the CLI can
-/// keep one to read [`counter`](Self::counter) while the takeover core owns another as its hook.
-#[derive(Clone)]
-pub struct DummyVm {
-    inner: Arc<Inner>,
-}
+/// keep one to read the counter while the takeover core owns another as its hook. Its controls
+/// (start, pause, counter, ...) are [`GuestControl`]'s, which it derefs to.
+#[derive(Clone, Debug)]
+pub struct DummyVm(GuestControl);
 
-impl std::fmt::Debug for DummyVm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DummyVm")
-            .field("counter", &self.counter())
-            .field("exits", &self.exits())
-            .field("running", &self.is_running())
-            .finish()
-    }
-}
+guest_control!(DummyVm);
 
 impl DummyVm {
     /// Checks that `/dev/kvm` opens and answers as KVM, without creating a VM.
@@ -320,112 +286,17 @@ impl DummyVm {
     }
 
     /// Creates the VM paused: memory, vCPU and registers are set up and the vCPU thread waits
-    /// before its first `KVM_RUN`.
+    /// before its first `KVM_RUN`. The counter is the last value the guest wrote to
+    /// [`COUNTER_PORT`]. When the last clone goes, the vCPU thread is stopped (the guest exits on
+    /// every `out`, so within microseconds) and joined.
     pub fn new() -> Result<Self, KvmDummyError> {
         let ctx = setup()?;
-        let gate = Arc::new(Gate::default());
-        let worker_gate = gate.clone();
-        let handle = std::thread::Builder::new()
-            .name("kvm-dummy-vcpu0".into())
-            .spawn(move || vcpu_loop(ctx, worker_gate))
-            .map_err(KvmDummyError::Spawn)?;
-        debug!("kvm-dummy: VM created paused");
-        Ok(DummyVm {
-            inner: Arc::new(Inner {
-                gate,
-                thread: Mutex::new(Some(handle)),
-            }),
+        let control = GuestControl::spawn("kvm-dummy", "kvm-dummy-vcpu0", move |gate| {
+            vcpu_loop(ctx, gate)
         })
-    }
-
-    /// The last counter value the guest wrote to [`COUNTER_PORT`] (0 before the guest ever ran).
-    pub fn counter(&self) -> u64 {
-        self.inner.gate.counter()
-    }
-
-    /// How many guest exits the vCPU thread has handled.
-    pub fn exits(&self) -> u64 {
-        self.inner.gate.exits()
-    }
-
-    /// Whether the guest is released (started and not paused) and its vCPU thread alive.
-    pub fn is_running(&self) -> bool {
-        self.inner.gate.is_running()
-    }
-
-    /// Releases the vCPU thread and returns at once. `Ok(true)` if the guest was paused and now
-    /// runs; `Ok(false)` if it already ran (nothing changes, `started_at` is kept).
-    pub fn start(&self) -> Result<bool, GuestStateError> {
-        let started = self.inner.gate.start()?;
-        if started {
-            info!("kvm-dummy: guest released");
-        }
-        Ok(started)
-    }
-
-    /// Stops the guest: the vCPU thread stops entering `KVM_RUN` after its next exit. Returns once
-    /// it has parked (`Ok(true)` if it was running). `start` resumes where the guest stopped.
-    pub fn pause(&self) -> Result<bool, GuestStateError> {
-        let was_running = self.inner.gate.pause(DEFAULT_PAUSE_TIMEOUT)?;
-        if was_running {
-            info!("kvm-dummy: guest paused at counter {}", self.counter());
-        }
-        Ok(was_running)
-    }
-
-    /// When the guest was last released (paused → running).
-    pub fn started_at(&self) -> Option<Instant> {
-        self.inner.gate.started_at()
-    }
-
-    /// When the first guest exit after the last release arrived.
-    pub fn first_exit_after_start(&self) -> Option<Instant> {
-        self.inner.gate.first_exit_after_start()
-    }
-
-    /// How many times the guest was released (paused → running).
-    pub fn starts(&self) -> u64 {
-        self.inner.gate.starts()
-    }
-
-    /// Waits (without polling) for the first guest exit after the last release.
-    pub fn wait_first_exit(&self, timeout: Duration) -> Result<Instant, GuestStateError> {
-        self.inner.gate.wait_first_exit(timeout)
-    }
-
-    /// Waits (without polling) until the counter is at least `min`; `false` on timeout.
-    pub fn wait_for_counter(&self, min: u64, timeout: Duration) -> bool {
-        self.inner.gate.wait_for_counter(min, timeout)
-    }
-
-    /// Why the vCPU thread stopped, if the guest failed.
-    pub fn failure(&self) -> Option<String> {
-        self.inner.gate.failure()
-    }
-}
-
-impl VmStart for DummyVm {
-    /// Releases the guest and returns once its first exit proves that it runs.
-    fn vm_start(&mut self, record: &TakeoverRecord) -> Result<(), HookError> {
-        debug!("kvm-dummy: vm_start ({})", record.reason);
-        self.start()?;
-        self.wait_first_exit(DEFAULT_START_TIMEOUT)?;
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        "kvm-dummy".to_string()
-    }
-}
-
-impl VmPause for DummyVm {
-    fn vm_pause(&mut self) -> Result<(), HookError> {
-        self.pause()?;
-        Ok(())
-    }
-
-    fn describe(&self) -> String {
-        "kvm-dummy".to_string()
+        .map_err(KvmDummyError::Spawn)?;
+        debug!("kvm-dummy: VM created paused");
+        Ok(DummyVm(control))
     }
 }
 

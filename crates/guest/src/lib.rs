@@ -23,7 +23,7 @@ pub mod simulated;
 pub mod standby;
 
 pub use command::{CommandError, CommandHook};
-pub use gate::GuestStateError;
+pub use gate::{GuestControl, GuestStateError, DEFAULT_PAUSE_TIMEOUT, DEFAULT_START_TIMEOUT};
 pub use kvm_dummy::{DummyVm, KvmDummyError, COUNTER_PORT};
 pub use qemu::{QemuError, QemuProcess};
 pub use qmp::{QmpClient, QmpError, QmpStatus, QmpVm};
