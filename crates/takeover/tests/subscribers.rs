@@ -60,6 +60,19 @@ where
     (m, rx)
 }
 
+/// A hook that only counts its calls.
+fn counting_hook() -> (
+    Arc<AtomicUsize>,
+    impl FnMut(&TakeoverRecord) -> Result<(), HookError> + Send + 'static,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    (calls, move |_: &TakeoverRecord| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    })
+}
+
 /// Runs the loop until `rx` yields `want`; panics after `BOUND`.
 fn run_until(em: &mut EventManager<Sub>, rx: &mpsc::Receiver<String>, want: &str) {
     let t = Instant::now();
@@ -78,12 +91,8 @@ fn run_until(em: &mut EventManager<Sub>, rx: &mpsc::Receiver<String>, want: &str
 fn stand_down_in_process_runs_no_hook() {
     let mut em = EventManager::<Sub>::new().unwrap();
     let (src, _) = source(&mut em, None);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let (m, rx) = backup(&mut em, &src, move |_| {
-        c.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    });
+    let (calls, hook) = counting_hook();
+    let (m, rx) = backup(&mut em, &src, hook);
     run_until(&mut em, &rx, "armed");
     assert_eq!(src.lock().unwrap().stand_down(), 1);
     run_until(&mut em, &rx, "stand-down");
@@ -95,12 +104,8 @@ fn stand_down_in_process_runs_no_hook() {
 fn dropping_the_source_subscriber_takes_over_once() {
     let mut em = EventManager::<Sub>::new().unwrap();
     let (src, id) = source(&mut em, None);
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let (m, rx) = backup(&mut em, &src, move |_| {
-        c.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    });
+    let (calls, hook) = counting_hook();
+    let (m, rx) = backup(&mut em, &src, hook);
     run_until(&mut em, &rx, "armed");
     // The source VMM vanishes: its subscriber and sockets are dropped without a STAND_DOWN.
     drop(em.remove_subscriber(id).unwrap());
