@@ -149,3 +149,58 @@ fn a_slow_hook_never_blocks_the_event_loop() {
         "a loop turn took {longest:?}: the hook blocked the loop"
     );
 }
+
+/// A source VMM whose event loop blocks (a stuck device emulation, a deadlock) stops its
+/// heartbeats; its kernel still answers keepalive, so only the heartbeat deadline sees it.
+#[test]
+fn a_blocked_source_loop_is_taken_over_with_heartbeat_timeout() {
+    let mut src_cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "pair");
+    src_cfg.heartbeat = Some(Duration::from_millis(10));
+    let src = SourceListener::new(src_cfg, Box::new(|_: &SourceNotice| {})).unwrap();
+    let addr = src.local_addr();
+    let (block_tx, block_rx) = mpsc::channel::<()>();
+    let source_loop = std::thread::spawn(move || {
+        let mut em = EventManager::<Sub>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(src)));
+        // Serve until told to block, then block the loop without closing anything.
+        while block_rx.try_recv().is_err() {
+            em.run_with_timeout(5).unwrap();
+        }
+        let _ = block_rx.recv_timeout(BOUND);
+        drop(em);
+    });
+
+    let mut em = EventManager::<Sub>::new().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let (calls, hook) = counting_hook();
+    let m = BackupMonitor::new(
+        BackupConfig::new(addr, "pair"),
+        Box::new(hook),
+        Box::new(move |n: &BackupNotice| {
+            let s = match n {
+                BackupNotice::Armed { .. } => "armed".to_string(),
+                BackupNotice::Takeover(r) => format!("takeover {}", r.reason),
+                BackupNotice::HookFinished { .. } => "hook-finished".to_string(),
+                _ => return,
+            };
+            let _ = tx.send(s);
+        }),
+    )
+    .unwrap();
+    let m = Arc::new(Mutex::new(m));
+    em.add_subscriber(m.clone());
+    run_until(&mut em, &rx, "armed");
+    // Healthy for a while: heartbeats keep the deadline away.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(200) {
+        em.run_with_timeout(10).unwrap();
+    }
+    assert_eq!(m.lock().unwrap().state(), LinkState::Armed);
+    assert!(m.lock().unwrap().heartbeat_stats().received > 0);
+    block_tx.send(()).unwrap();
+    run_until(&mut em, &rx, "takeover heartbeat-timeout");
+    run_until(&mut em, &rx, "hook-finished");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    block_tx.send(()).unwrap();
+    source_loop.join().unwrap();
+}
