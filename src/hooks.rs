@@ -20,8 +20,11 @@ pub fn local_guest(kind: Option<&str>) -> Result<Option<StandbyGuest>, String> {
     }
 }
 
+/// A hook, and the guest living in this process if `--vm` asked for one.
+type WithGuest<H> = (H, Option<StandbyGuest>);
+
 /// The backup's `vm_start` hook, and the local standby guest if `--vm` asked for one.
-pub fn start_hook(a: &BackupArgs) -> Result<(Box<dyn VmStart>, Option<StandbyGuest>), String> {
+pub fn start_hook(a: &BackupArgs) -> Result<WithGuest<Box<dyn VmStart>>, String> {
     if let Some(cmd) = &a.on_takeover {
         return Ok((Box::new(CommandHook::new(cmd.clone())), None));
     }
@@ -40,31 +43,21 @@ pub fn start_hook(a: &BackupArgs) -> Result<(Box<dyn VmStart>, Option<StandbyGue
     ))
 }
 
-struct NoPause;
-
-impl VmPause for NoPause {
-    fn vm_pause(&mut self) -> Result<(), HookError> {
-        Ok(())
-    }
-    fn describe(&self) -> String {
-        "none".into()
-    }
-}
-
-/// The source's pause-before-handoff hook, and its running local guest if `--vm` asked for one.
-pub fn pause_hook(a: &SourceArgs) -> Result<(Box<dyn VmPause>, Option<StandbyGuest>), String> {
+/// The source's pause-before-handoff hook (`None`: hand off at once), and its running local guest
+/// if `--vm` asked for one.
+pub fn pause_hook(a: &SourceArgs) -> Result<WithGuest<Option<Box<dyn VmPause>>>, String> {
     if let Some(cmd) = &a.on_handoff {
-        return Ok((Box::new(CommandHook::new(cmd.clone())), None));
+        return Ok((Some(Box::new(CommandHook::new(cmd.clone()))), None));
     }
     if let Some(path) = &a.qmp {
-        return Ok((Box::new(QmpVm::new(path.clone())), None));
+        return Ok((Some(Box::new(QmpVm::new(path.clone()))), None));
     }
     if let Some(guest) = local_guest(a.vm.as_deref())? {
         // The source's guest is the primary: it runs from the start.
         guest
             .start()
             .map_err(|e| format!("cannot start the local guest: {e}"))?;
-        return Ok((Box::new(guest.clone()), Some(guest)));
+        return Ok((Some(Box::new(guest.clone())), Some(guest)));
     }
-    Ok((Box::new(NoPause), None))
+    Ok((None, None))
 }

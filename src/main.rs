@@ -9,7 +9,6 @@ mod demo;
 mod events;
 mod guest_report;
 mod hooks;
-mod offloop;
 mod signals;
 
 use std::cell::RefCell;
@@ -28,7 +27,6 @@ use vmm_takeover_core::{
 use cli::{BackupArgs, Cli, Command, SourceArgs};
 use events::{emit, unix_us};
 use guest_report::GuestReport;
-use offloop::OffLoop;
 use signals::{SignalKind, Signals};
 
 type Subscriber = Rc<RefCell<dyn MutEventSubscriber>>;
@@ -98,9 +96,11 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
     cfg.keepalive = a.keepalive.spec();
     cfg.heartbeat = a.heartbeat;
     let (pause, guest) = hooks::pause_hook(&a)?;
-    let listener = SourceListener::new(
+    let exit = Exit::default();
+    let (ex, g) = (exit.clone(), guest.clone());
+    let mut listener = SourceListener::new(
         cfg,
-        Box::new(|n: &SourceNotice| match n {
+        Box::new(move |n: &SourceNotice| match n {
             SourceNotice::BackupJoined { peer, keepalive } => emit(
                 "backup-joined",
                 json!({"peer": peer.to_string(), "keepalive": keepalive.map(|k| k.to_string())}),
@@ -112,61 +112,49 @@ fn run_source(a: SourceArgs) -> Result<u8, String> {
                 "backup-rejected",
                 json!({"peer": peer.to_string(), "why": why}),
             ),
+            SourceNotice::HandoffSent { backups } => {
+                if let Some(g) = &g {
+                    // Evidence for the record: the local guest was paused before HANDOFF left.
+                    GuestReport::report(g);
+                }
+                emit("handoff-sent", json!({"backups": backups}));
+                ex.set(0);
+            }
+            // The source keeps serving; SIGUSR1 may try again.
+            SourceNotice::HandoffFailed { error } => {
+                emit("handoff-failed", json!({"error": error}))
+            }
         }),
     )
     .map_err(|e| e.to_string())?;
+    let pause_name = pause.as_ref().map(|p| p.describe());
+    if let Some(p) = pause {
+        listener.set_pause_hook(p);
+    }
     emit(
         "listening",
         json!({"addr": listener.local_addr().to_string(), "pair_id": a.pair_id,
                "heartbeat_us": a.heartbeat.map(|h| h.as_micros() as u64)}),
     );
     let source = Rc::new(RefCell::new(listener));
-    let exit = Exit::default();
     let mut em = EventManager::<Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(source.clone());
-    add_guest_report(&mut em, guest.clone())?;
+    add_guest_report(&mut em, guest)?;
 
-    // The pause hook may be slow (QMP `stop`, a shell command): it runs off the loop and HANDOFF
-    // goes out only once it reports success.
-    let (src, ex) = (source.clone(), exit.clone());
-    let handoff_task = Rc::new(RefCell::new(
-        OffLoop::new(Box::new(move |r: Result<(), String>| match r {
-            Ok(()) => {
-                if let Some(g) = &guest {
-                    // Evidence for the record: the local guest is paused before HANDOFF leaves.
-                    GuestReport::report(g);
-                }
-                let n = src.borrow_mut().handoff();
-                emit("handoff-sent", json!({"backups": n}));
-                ex.set(0);
-            }
-            Err(e) => {
-                // The local guest may still run: handing off now would risk split brain.
-                error!("pause before handoff failed, staying source: {e}");
-                emit("handoff-failed", json!({"error": e}));
-            }
-        }))
-        .map_err(|e| e.to_string())?,
-    ));
-    em.add_subscriber(handoff_task.clone());
-
-    let (src, ex) = (source.clone(), exit.clone());
-    let mut pause = Some(pause);
+    let ex = exit.clone();
     let sigs = Signals::install(Box::new(move |kind| match kind {
         SignalKind::Stop => {
-            let n = src.borrow_mut().stand_down();
+            let n = source.borrow_mut().stand_down();
             emit("stand-down", json!({"backups": n}));
             ex.set(0);
         }
-        SignalKind::Handoff => match pause.take() {
-            Some(mut p) => {
-                emit("handoff-requested", json!({"pause": p.describe()}));
-                handoff_task
-                    .borrow_mut()
-                    .start(move || p.vm_pause().map_err(|e| e.to_string()));
+        SignalKind::Handoff => {
+            emit("handoff-requested", json!({"pause": pause_name}));
+            // The pause runs off the loop; HANDOFF follows only if it succeeds.
+            if let Err(e) = source.borrow_mut().begin_handoff() {
+                log::warn!("{e}");
             }
-            None => log::warn!("handoff already under way"),
-        },
+        }
     }))
     .map_err(|e| format!("signals: {e}"))?;
     em.add_subscriber(Rc::new(RefCell::new(sigs)));

@@ -83,3 +83,39 @@ fn failed_pause_does_not_hand_off() {
     assert!(backup.wait_exit(EVENT_TIMEOUT).success());
     assert!(hook_lines(&hook_file).is_empty());
 }
+
+#[test]
+fn a_failed_pause_can_be_retried_and_then_hands_off() {
+    let dir = TempDir::new("handoff-retry");
+    let hook_file = dir.path("hook");
+    let flag = dir.path("first-try-done");
+    // Fails the first time (and leaves a flag), succeeds the second.
+    let pause = format!(
+        "if [ -e {f} ]; then exit 0; else touch {f}; exit 1; fi",
+        f = flag.display()
+    );
+    let (mut source, addr) = start_source("source", "vm-hor", &["--on-handoff", &pause]);
+    let mut backup = start_backup(
+        "backup",
+        addr,
+        "vm-hor",
+        &["--on-takeover", &record_hook(&hook_file)],
+    );
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    source.signal(libc::SIGUSR1);
+    source.wait_event("handoff-failed", EVENT_TIMEOUT);
+    assert_eq!(backup.count("takeover"), 0);
+    source.signal(libc::SIGUSR1);
+    assert_eq!(
+        source.wait_event("handoff-sent", EVENT_TIMEOUT)["backups"],
+        1
+    );
+    assert!(source.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(
+        backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],
+        "handoff"
+    );
+    assert!(backup.wait_exit(EVENT_TIMEOUT).success());
+    assert_eq!(hook_lines(&hook_file), vec!["handoff vm-hor"]);
+}

@@ -36,7 +36,10 @@ pub enum Error {
     /// The listen socket could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    /// A timerfd or eventfd could not be created.
-    #[error("cannot create timer/eventfd: {0}")]
+    /// A timerfd, eventfd or thread could not be created.
+    #[error("cannot create timer/eventfd/thread: {0}")]
     Timer(std::io::Error),
+    /// The operation is already under way.
+    #[error("busy: {0}")]
+    Busy(&'static str),
 }

@@ -5,6 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -12,7 +13,9 @@ use log::{debug, error, info, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::hook::VmPause;
 use crate::protocol::{validate_pair_id, Frame, FrameReader, ProtocolError};
 use crate::timer::Timer;
 use crate::Error;
@@ -20,6 +23,7 @@ use crate::Error;
 const TOKEN_LISTEN: u32 = 0;
 const TOKEN_HEARTBEAT: u32 = 1;
 const TOKEN_SWEEP: u32 = 2;
+const TOKEN_HANDOFF: u32 = 3;
 /// Connection `i` uses token `TOKEN_CONN_BASE + i`.
 const TOKEN_CONN_BASE: u32 = 16;
 
@@ -78,7 +82,22 @@ pub enum SourceNotice<'a> {
         /// How it went.
         why: String,
     },
+    /// [`SourceListener::begin_handoff`]: the guest is paused and HANDOFF went out.
+    HandoffSent {
+        /// How many backups were told.
+        backups: usize,
+    },
+    /// [`SourceListener::begin_handoff`]: pausing the guest failed, so no HANDOFF was sent (the
+    /// guest may still run: handing off now would risk two running copies). The source keeps
+    /// serving and the handoff may be tried again.
+    HandoffFailed {
+        /// The pause hook's error.
+        error: String,
+    },
 }
+
+/// The pause hook, handed back with its result by the thread that ran it.
+type PauseOutcome = (Box<dyn VmPause>, Result<(), String>);
 
 /// Receives [`SourceNotice`]s on the event loop. Must not block. `Send`, like [`crate::backup::BackupObserver`].
 pub type SourceObserver = Box<dyn FnMut(&SourceNotice<'_>) + Send>;
@@ -108,6 +127,11 @@ pub struct SourceListener {
     seq: u64,
     observer: SourceObserver,
     stopping: bool,
+    /// Pauses the local guest before HANDOFF; lent to a thread while a handoff is under way.
+    pause: Option<Box<dyn VmPause>>,
+    handoff_running: bool,
+    handoff_done: EventFd,
+    handoff_rx: Option<mpsc::Receiver<PauseOutcome>>,
 }
 
 impl SourceListener {
@@ -151,6 +175,10 @@ impl SourceListener {
             seq: 0,
             observer,
             stopping: false,
+            pause: None,
+            handoff_running: false,
+            handoff_done: EventFd::new(EFD_NONBLOCK).map_err(Error::Timer)?,
+            handoff_rx: None,
         })
     }
 
@@ -172,9 +200,64 @@ impl SourceListener {
     }
 
     /// Sends HANDOFF to every joined backup (call after pausing the local guest). Returns how many
-    /// backups were told.
+    /// backups were told. [`begin_handoff`](Self::begin_handoff) does the pause too.
     pub fn handoff(&mut self) -> usize {
         self.broadcast_final(Frame::Handoff)
+    }
+
+    /// Sets the hook that pauses the local guest before a planned handoff.
+    pub fn set_pause_hook(&mut self, pause: Box<dyn VmPause>) {
+        self.pause = Some(pause);
+    }
+
+    /// Planned switchover, the whole of it: pauses the local guest with the pause hook on a thread
+    /// of its own (it may take a while: QMP `stop`, a vCPU kick) and, once it reports success on
+    /// the loop, sends HANDOFF ([`SourceNotice::HandoffSent`]). If the pause fails nothing is
+    /// sent ([`SourceNotice::HandoffFailed`]). Without a pause hook it hands off at once. Callable
+    /// from outside the loop (an API thread holding the subscriber's mutex).
+    pub fn begin_handoff(&mut self) -> Result<(), Error> {
+        if self.handoff_running {
+            return Err(Error::Busy("a handoff is already under way"));
+        }
+        let Some(mut pause) = self.pause.take() else {
+            let backups = self.handoff();
+            (self.observer)(&SourceNotice::HandoffSent { backups });
+            return Ok(());
+        };
+        let done = self.handoff_done.try_clone().map_err(Error::Timer)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("vm-pause".into())
+            .spawn(move || {
+                let r = pause.vm_pause().map_err(|e| e.to_string());
+                // The hook comes back with the result, so a failed handoff can be tried again.
+                let _ = tx.send((pause, r));
+                let _ = done.write(1);
+            })
+            .map_err(Error::Timer)?;
+        self.handoff_rx = Some(rx);
+        self.handoff_running = true;
+        Ok(())
+    }
+
+    fn on_handoff_done(&mut self) {
+        let _ = self.handoff_done.read();
+        let Some(Ok((pause, result))) = self.handoff_rx.as_ref().map(|rx| rx.try_recv()) else {
+            return;
+        };
+        self.handoff_rx = None;
+        self.handoff_running = false;
+        self.pause = Some(pause);
+        match result {
+            Ok(()) => {
+                let backups = self.handoff();
+                (self.observer)(&SourceNotice::HandoffSent { backups });
+            }
+            Err(error) => {
+                error!("pause before handoff failed, not handing off: {error}");
+                (self.observer)(&SourceNotice::HandoffFailed { error });
+            }
+        }
     }
 
     fn broadcast_final(&mut self, frame: Frame) -> usize {
@@ -460,6 +543,7 @@ impl MutEventSubscriber for SourceListener {
             (self.listener.as_raw_fd(), TOKEN_LISTEN),
             (self.heartbeat_timer.as_raw_fd(), TOKEN_HEARTBEAT),
             (self.sweep_timer.as_raw_fd(), TOKEN_SWEEP),
+            (self.handoff_done.as_raw_fd(), TOKEN_HANDOFF),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
                 error!("cannot register source fd {fd}: {e:?}");
@@ -476,6 +560,7 @@ impl MutEventSubscriber for SourceListener {
             TOKEN_LISTEN => self.accept_all(ops),
             TOKEN_HEARTBEAT => self.on_heartbeat_tick(ops),
             TOKEN_SWEEP => self.on_sweep(ops),
+            TOKEN_HANDOFF => self.on_handoff_done(),
             t if t >= TOKEN_CONN_BASE => self.on_conn(ops, (t - TOKEN_CONN_BASE) as usize),
             t => warn!("source: event for unknown token {t}"),
         }

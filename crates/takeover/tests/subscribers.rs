@@ -204,3 +204,46 @@ fn a_blocked_source_loop_is_taken_over_with_heartbeat_timeout() {
     block_tx.send(()).unwrap();
     source_loop.join().unwrap();
 }
+
+/// Planned switchover through the library: the pause hook runs off the loop, then HANDOFF.
+#[test]
+fn begin_handoff_pauses_off_the_loop_then_hands_off() {
+    struct SlowPause(Arc<AtomicUsize>);
+    impl vmm_takeover_core::VmPause for SlowPause {
+        fn vm_pause(&mut self) -> Result<(), HookError> {
+            std::thread::sleep(Duration::from_millis(300));
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+    }
+    let mut em = EventManager::<Sub>::new().unwrap();
+    let (src, _) = source(&mut em, None);
+    let paused = Arc::new(AtomicUsize::new(0));
+    src.lock()
+        .unwrap()
+        .set_pause_hook(Box::new(SlowPause(paused.clone())));
+    let (calls, hook) = counting_hook();
+    let (_m, rx) = backup(&mut em, &src, hook);
+    run_until(&mut em, &rx, "armed");
+    src.lock().unwrap().begin_handoff().unwrap();
+    // A second request while the first runs is refused, not queued.
+    assert!(src.lock().unwrap().begin_handoff().is_err());
+    // The loop keeps turning while the pause runs, and nothing is handed off before it ends.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(150) {
+        em.run_with_timeout(10).unwrap();
+    }
+    assert_eq!(paused.load(Ordering::SeqCst), 0);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    run_until(&mut em, &rx, "takeover handoff");
+    assert_eq!(
+        paused.load(Ordering::SeqCst),
+        1,
+        "HANDOFF before the pause ended"
+    );
+    run_until(&mut em, &rx, "hook-finished Ok(())");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
