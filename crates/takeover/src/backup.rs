@@ -411,7 +411,11 @@ impl BackupMonitor {
             .name("vm-start".into())
             .spawn(move || {
                 let t = Instant::now();
-                let r = hook.vm_start(&rec).map_err(|e| e.to_string());
+                // A panicking hook is a failed start that is still reported, never silence.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    hook.vm_start(&rec).map_err(|e| e.to_string())
+                }))
+                .unwrap_or_else(|_| Err("vm_start panicked".to_string()));
                 match &r {
                     Ok(()) => info!("vm_start done in {:?}", t.elapsed()),
                     Err(e) => error!("vm_start failed after {:?}: {e}", t.elapsed()),

@@ -129,8 +129,8 @@ pub struct SourceListener {
     stopping: bool,
     /// Pauses the local guest before HANDOFF; lent to a thread while a handoff is under way.
     pause: Option<Box<dyn VmPause>>,
-    handoff_running: bool,
     handoff_done: EventFd,
+    /// `Some` while a handoff's pause hook runs.
     handoff_rx: Option<mpsc::Receiver<PauseOutcome>>,
 }
 
@@ -176,7 +176,6 @@ impl SourceListener {
             observer,
             stopping: false,
             pause: None,
-            handoff_running: false,
             handoff_done: EventFd::new(EFD_NONBLOCK).map_err(Error::Timer)?,
             handoff_rx: None,
         })
@@ -216,7 +215,7 @@ impl SourceListener {
     /// sent ([`SourceNotice::HandoffFailed`]). Without a pause hook it hands off at once. Callable
     /// from outside the loop (an API thread holding the subscriber's mutex).
     pub fn begin_handoff(&mut self) -> Result<(), Error> {
-        if self.handoff_running {
+        if self.handoff_rx.is_some() {
             return Err(Error::Busy("a handoff is already under way"));
         }
         let Some(mut pause) = self.pause.take() else {
@@ -229,14 +228,17 @@ impl SourceListener {
         std::thread::Builder::new()
             .name("vm-pause".into())
             .spawn(move || {
-                let r = pause.vm_pause().map_err(|e| e.to_string());
+                // A panicking hook is a failed pause, never a silent success.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    pause.vm_pause().map_err(|e| e.to_string())
+                }))
+                .unwrap_or_else(|_| Err("the pause hook panicked".to_string()));
                 // The hook comes back with the result, so a failed handoff can be tried again.
                 let _ = tx.send((pause, r));
                 let _ = done.write(1);
             })
             .map_err(Error::Timer)?;
         self.handoff_rx = Some(rx);
-        self.handoff_running = true;
         Ok(())
     }
 
@@ -246,7 +248,6 @@ impl SourceListener {
             return;
         };
         self.handoff_rx = None;
-        self.handoff_running = false;
         self.pause = Some(pause);
         match result {
             Ok(()) => {

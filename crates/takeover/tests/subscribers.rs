@@ -247,3 +247,14 @@ fn begin_handoff_pauses_off_the_loop_then_hands_off() {
     run_until(&mut em, &rx, "hook-finished Ok(())");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[test]
+fn a_panicking_hook_is_reported_as_a_failure() {
+    let mut em = EventManager::<Sub>::new().unwrap();
+    let (src, _) = source(&mut em, None);
+    let (_m, rx) = backup(&mut em, &src, |_| panic!("boom"));
+    run_until(&mut em, &rx, "armed");
+    src.lock().unwrap().handoff();
+    run_until(&mut em, &rx, "takeover handoff");
+    run_until(&mut em, &rx, "hook-finished Err(\"vm_start panicked\")");
+}
