@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The subscribers in one `EventManager`, as a VMM embeds them: real sockets on loopback.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,17 +30,17 @@ fn source(
     (s, id)
 }
 
-/// A backup whose notices are forwarded as strings, and whose hook is `hook`.
+/// A backup of the source at `addr` whose notices are forwarded as strings, and whose hook is
+/// `hook`.
 fn backup<H>(
     em: &mut EventManager<Sub>,
-    src: &Arc<Mutex<SourceListener>>,
+    addr: SocketAddr,
     hook: H,
 ) -> (Arc<Mutex<BackupMonitor>>, mpsc::Receiver<String>)
 where
     H: FnMut(&TakeoverRecord) -> Result<(), HookError> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel();
-    let addr = src.lock().unwrap().local_addr();
     let m = BackupMonitor::new(
         BackupConfig::new(addr, "pair"),
         Box::new(hook),
@@ -58,6 +59,10 @@ where
     let m = Arc::new(Mutex::new(m));
     em.add_subscriber(m.clone());
     (m, rx)
+}
+
+fn addr_of(src: &Arc<Mutex<SourceListener>>) -> SocketAddr {
+    src.lock().unwrap().local_addr()
 }
 
 /// A hook that only counts its calls.
@@ -92,7 +97,7 @@ fn stand_down_in_process_runs_no_hook() {
     let mut em = EventManager::<Sub>::new().unwrap();
     let (src, _) = source(&mut em, None);
     let (calls, hook) = counting_hook();
-    let (m, rx) = backup(&mut em, &src, hook);
+    let (m, rx) = backup(&mut em, addr_of(&src), hook);
     run_until(&mut em, &rx, "armed");
     assert_eq!(src.lock().unwrap().stand_down(), 1);
     run_until(&mut em, &rx, "stand-down");
@@ -105,7 +110,7 @@ fn dropping_the_source_subscriber_takes_over_once() {
     let mut em = EventManager::<Sub>::new().unwrap();
     let (src, id) = source(&mut em, None);
     let (calls, hook) = counting_hook();
-    let (m, rx) = backup(&mut em, &src, hook);
+    let (m, rx) = backup(&mut em, addr_of(&src), hook);
     run_until(&mut em, &rx, "armed");
     // The source VMM vanishes: its subscriber and sockets are dropped without a STAND_DOWN.
     drop(em.remove_subscriber(id).unwrap());
@@ -125,7 +130,7 @@ fn a_slow_hook_never_blocks_the_event_loop() {
     let mut em = EventManager::<Sub>::new().unwrap();
     let (src, _) = source(&mut em, Some(Duration::from_millis(5)));
     let hook_time = Duration::from_millis(1500);
-    let (_m, rx) = backup(&mut em, &src, move |_| {
+    let (_m, rx) = backup(&mut em, addr_of(&src), move |_| {
         std::thread::sleep(hook_time);
         Ok(())
     });
@@ -171,24 +176,8 @@ fn a_blocked_source_loop_is_taken_over_with_heartbeat_timeout() {
     });
 
     let mut em = EventManager::<Sub>::new().unwrap();
-    let (tx, rx) = mpsc::channel();
     let (calls, hook) = counting_hook();
-    let m = BackupMonitor::new(
-        BackupConfig::new(addr, "pair"),
-        Box::new(hook),
-        Box::new(move |n: &BackupNotice| {
-            let s = match n {
-                BackupNotice::Armed { .. } => "armed".to_string(),
-                BackupNotice::Takeover(r) => format!("takeover {}", r.reason),
-                BackupNotice::HookFinished { .. } => "hook-finished".to_string(),
-                _ => return,
-            };
-            let _ = tx.send(s);
-        }),
-    )
-    .unwrap();
-    let m = Arc::new(Mutex::new(m));
-    em.add_subscriber(m.clone());
+    let (m, rx) = backup(&mut em, addr, hook);
     run_until(&mut em, &rx, "armed");
     // Healthy for a while: heartbeats keep the deadline away.
     let t = Instant::now();
@@ -199,7 +188,7 @@ fn a_blocked_source_loop_is_taken_over_with_heartbeat_timeout() {
     assert!(m.lock().unwrap().heartbeat_stats().received > 0);
     block_tx.send(()).unwrap();
     run_until(&mut em, &rx, "takeover heartbeat-timeout");
-    run_until(&mut em, &rx, "hook-finished");
+    run_until(&mut em, &rx, "hook-finished Ok(())");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     block_tx.send(()).unwrap();
     source_loop.join().unwrap();
@@ -226,7 +215,7 @@ fn begin_handoff_pauses_off_the_loop_then_hands_off() {
         .unwrap()
         .set_pause_hook(Box::new(SlowPause(paused.clone())));
     let (calls, hook) = counting_hook();
-    let (_m, rx) = backup(&mut em, &src, hook);
+    let (_m, rx) = backup(&mut em, addr_of(&src), hook);
     run_until(&mut em, &rx, "armed");
     src.lock().unwrap().begin_handoff().unwrap();
     // A second request while the first runs is refused, not queued.
@@ -252,7 +241,7 @@ fn begin_handoff_pauses_off_the_loop_then_hands_off() {
 fn a_panicking_hook_is_reported_as_a_failure() {
     let mut em = EventManager::<Sub>::new().unwrap();
     let (src, _) = source(&mut em, None);
-    let (_m, rx) = backup(&mut em, &src, |_| panic!("boom"));
+    let (_m, rx) = backup(&mut em, addr_of(&src), |_| panic!("boom"));
     run_until(&mut em, &rx, "armed");
     src.lock().unwrap().handoff();
     run_until(&mut em, &rx, "takeover handoff");
