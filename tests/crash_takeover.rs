@@ -9,15 +9,8 @@ use common::*;
 fn sigkill_of_source_takes_over_once_with_peer_closed() {
     let dir = TempDir::new("kill");
     let hook_file = dir.path("hook");
-    let (source, addr) = start_source("source", "vm-kill", &[]);
-    let mut backup = start_backup(
-        "backup",
-        addr,
-        "vm-kill",
-        &["--on-takeover", &record_hook(&hook_file)],
-    );
-    backup.wait_event("armed", EVENT_TIMEOUT);
-    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    let (source, mut backup, _) =
+        armed_pair("vm-kill", &[], &["--on-takeover", &record_hook(&hook_file)]);
     assert!(
         hook_lines(&hook_file).is_empty(),
         "hook ran before the kill"

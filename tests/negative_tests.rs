@@ -42,16 +42,12 @@ fn reject_reason(answer: &[u8]) -> String {
 fn bad_clients_are_rejected_and_a_real_backup_keeps_working() {
     let dir = TempDir::new("neg");
     let hook_file = dir.path("hook");
-    let (source, addr) = start_source("source", "vm-neg", &["--keepalive", "1:1:2"]);
-    let addr = addr.to_string();
-    let mut backup = start_backup(
-        "backup",
-        &addr,
+    let (source, mut backup, addr) = armed_pair(
         "vm-neg",
+        &["--keepalive", "1:1:2"],
         &["--on-takeover", &record_hook(&hook_file)],
     );
-    backup.wait_event("armed", EVENT_TIMEOUT);
-    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    let addr = addr.to_string();
 
     let mut wrong_version = hello("vm-neg");
     wrong_version[4] = 2;

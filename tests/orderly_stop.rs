@@ -11,11 +11,7 @@ fn sigterm_stands_down_and_never_runs_the_hook() {
         let dir = TempDir::new("term");
         let hook_file = dir.path("hook");
         let hook = record_hook(&hook_file);
-        let (mut source, addr) = start_source("source", "vm-term", &[]);
-        let addr = addr.to_string();
-        let mut backup = start_backup("backup", &addr, "vm-term", &["--on-takeover", &hook]);
-        backup.wait_event("armed", EVENT_TIMEOUT);
-        source.wait_event("backup-joined", EVENT_TIMEOUT);
+        let (mut source, mut backup, _) = armed_pair("vm-term", &[], &["--on-takeover", &hook]);
 
         source.signal(sig);
         assert_eq!(source.wait_event("stand-down", EVENT_TIMEOUT)["backups"], 1);
@@ -42,11 +38,11 @@ fn sigusr1_pauses_the_source_then_hands_off() {
         order.display(),
         record_hook(&hook_file)
     );
-    let (mut source, addr) = start_source("source", "vm-ho", &["--on-handoff", &pause]);
-    let addr = addr.to_string();
-    let mut backup = start_backup("backup", &addr, "vm-ho", &["--on-takeover", &start]);
-    backup.wait_event("armed", EVENT_TIMEOUT);
-    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    let (mut source, mut backup, _) = armed_pair(
+        "vm-ho",
+        &["--on-handoff", &pause],
+        &["--on-takeover", &start],
+    );
 
     source.signal(libc::SIGUSR1);
     assert_eq!(
@@ -69,11 +65,11 @@ fn failed_pause_does_not_hand_off() {
     let dir = TempDir::new("handoff-fail");
     let hook_file = dir.path("hook");
     let hook = record_hook(&hook_file);
-    let (mut source, addr) = start_source("source", "vm-hof", &["--on-handoff", "exit 1"]);
-    let addr = addr.to_string();
-    let mut backup = start_backup("backup", &addr, "vm-hof", &["--on-takeover", &hook]);
-    backup.wait_event("armed", EVENT_TIMEOUT);
-    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    let (mut source, mut backup, _) = armed_pair(
+        "vm-hof",
+        &["--on-handoff", "exit 1"],
+        &["--on-takeover", &hook],
+    );
     source.signal(libc::SIGUSR1);
     source.wait_event("handoff-failed", EVENT_TIMEOUT);
     // Still the source: an orderly stop afterwards stands the backup down.
@@ -94,15 +90,11 @@ fn a_failed_pause_can_be_retried_and_then_hands_off() {
         "if [ -e {f} ]; then exit 0; else touch {f}; exit 1; fi",
         f = flag.display()
     );
-    let (mut source, addr) = start_source("source", "vm-hor", &["--on-handoff", &pause]);
-    let mut backup = start_backup(
-        "backup",
-        addr,
+    let (mut source, mut backup, _) = armed_pair(
         "vm-hor",
+        &["--on-handoff", &pause],
         &["--on-takeover", &record_hook(&hook_file)],
     );
-    backup.wait_event("armed", EVENT_TIMEOUT);
-    source.wait_event("backup-joined", EVENT_TIMEOUT);
     source.signal(libc::SIGUSR1);
     source.wait_event("handoff-failed", EVENT_TIMEOUT);
     assert_eq!(backup.count("takeover"), 0);

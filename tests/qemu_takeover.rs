@@ -67,10 +67,7 @@ fn handoff_stops_the_source_qemu_before_the_backup_qemu_runs() {
         primary.socket_path().to_str().unwrap().to_string(),
         standby.socket_path().to_str().unwrap().to_string(),
     );
-    let (mut source, addr) = start_source("source", "vm-qho", &["--qmp", &pq]);
-    let mut backup = start_backup("backup", addr, "vm-qho", &["--qmp", &sq]);
-    backup.wait_event("armed", EVENT_TIMEOUT);
-    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    let (mut source, mut backup, _) = armed_pair("vm-qho", &["--qmp", &pq], &["--qmp", &sq]);
     source.signal(libc::SIGUSR1);
     let sent = source.wait_event("handoff-sent", EVENT_TIMEOUT);
     assert!(source.wait_exit(EVENT_TIMEOUT).success());

@@ -271,3 +271,17 @@ pub fn start_backup(name: &str, addr: impl std::fmt::Display, pair: &str, extra:
     args.extend_from_slice(extra);
     Proc::spawn(name, &args)
 }
+
+/// Starts a source and one backup for `pair`, and waits until the backup is armed and the source
+/// has it joined. Returns both and the source's address.
+pub fn armed_pair(
+    pair: &str,
+    source_extra: &[&str],
+    backup_extra: &[&str],
+) -> (Proc, Proc, SocketAddr) {
+    let (source, addr) = start_source("source", pair, source_extra);
+    let backup = start_backup("backup", addr, pair, backup_extra);
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    (source, backup, addr)
+}
