@@ -170,7 +170,6 @@ pub struct BackupMonitor {
     armed_at: Option<SystemTime>,
     keepalive: Option<EffectiveKeepalive>,
     heartbeat: Option<Duration>,
-    deadline: Option<Duration>,
     last_rx: Instant,
     /// The keepalive bound the watchdog enforces, while armed.
     watchdog: Option<Duration>,
@@ -193,7 +192,7 @@ impl BackupMonitor {
             state: LinkState::Connecting,
             sock: None,
             reader: FrameReader::new(),
-            timer: Timer::new().map_err(Error::Timer)?,
+            timer: Timer::new().map_err(Error::Resource)?,
             hook: Some(hook),
             hook_done: None,
             hook_rx: None,
@@ -202,7 +201,6 @@ impl BackupMonitor {
             armed_at: None,
             keepalive: None,
             heartbeat: None,
-            deadline: None,
             last_rx: Instant::now(),
             watchdog: None,
             stats: HeartbeatStats::default(),
@@ -223,7 +221,7 @@ impl BackupMonitor {
 
     /// The heartbeat deadline in force (`interval × misses`), in heartbeat mode.
     pub fn deadline(&self) -> Option<Duration> {
-        self.deadline
+        self.heartbeat.map(|hb| hb * self.cfg.heartbeat_misses)
     }
 
     /// The takeover record, once the backup took over.
@@ -335,14 +333,14 @@ impl BackupMonitor {
                 None
             }
         };
-        self.deadline = self.heartbeat.map(|hb| hb * self.cfg.heartbeat_misses);
         self.watchdog = self
             .keepalive
             .and_then(|k| k.bound())
             .filter(|_| self.cfg.keepalive_watchdog);
         self.stats = HeartbeatStats::default();
         self.last_rx = Instant::now();
-        if self.deadline.is_some() || self.watchdog.is_some() {
+        let deadline = self.deadline();
+        if deadline.is_some() || self.watchdog.is_some() {
             let _ = self.timer.arm(self.next_check(), None);
         }
         let peer = self.cfg.connect;
@@ -351,7 +349,7 @@ impl BackupMonitor {
             peer,
             keepalive: self.keepalive,
             heartbeat: self.heartbeat,
-            deadline: self.deadline,
+            deadline,
         });
     }
 
@@ -605,7 +603,7 @@ impl BackupMonitor {
     /// The armed link's one timer: the heartbeat deadline and the keepalive watchdog, whichever
     /// comes first.
     fn on_deadline(&mut self, ops: &mut EventOps) {
-        if self.deadline.is_none() && self.watchdog.is_none() {
+        if self.deadline().is_none() && self.watchdog.is_none() {
             // Nothing should be armed; clear a stale expiration.
             self.timer.expirations();
             return;
@@ -651,7 +649,7 @@ impl BackupMonitor {
 
     /// The verdict-worthy event if a deadline has passed.
     fn overdue(&self) -> Option<(LinkEvent, String)> {
-        if let Some(d) = self.deadline {
+        if let Some(d) = self.deadline() {
             let since = self.last_rx.elapsed();
             if since >= d {
                 return Some((
@@ -678,7 +676,7 @@ impl BackupMonitor {
     /// When to look again: the nearest deadline.
     fn next_check(&self) -> Duration {
         let mut next = Duration::MAX;
-        if let Some(d) = self.deadline {
+        if let Some(d) = self.deadline() {
             next = next.min(d.saturating_sub(self.last_rx.elapsed()));
         }
         if let Some(b) = self.watchdog {

@@ -37,8 +37,8 @@ pub enum Error {
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
     /// A timerfd, eventfd or thread could not be created.
-    #[error("cannot create timer/eventfd/thread: {0}")]
-    Timer(std::io::Error),
+    #[error("cannot create a timerfd, eventfd or thread: {0}")]
+    Resource(std::io::Error),
     /// The operation is already under way.
     #[error("busy: {0}")]
     Busy(&'static str),

@@ -169,14 +169,14 @@ impl SourceListener {
             conns: Vec::new(),
             free: Vec::new(),
             joined: 0,
-            heartbeat_timer: Timer::new().map_err(Error::Timer)?,
-            sweep_timer: Timer::new().map_err(Error::Timer)?,
+            heartbeat_timer: Timer::new().map_err(Error::Resource)?,
+            sweep_timer: Timer::new().map_err(Error::Resource)?,
             handshaking: 0,
             seq: 0,
             observer,
             stopping: false,
             pause: None,
-            handoff_done: EventFd::new(EFD_NONBLOCK).map_err(Error::Timer)?,
+            handoff_done: EventFd::new(EFD_NONBLOCK).map_err(Error::Resource)?,
             handoff_rx: None,
         })
     }
@@ -223,7 +223,7 @@ impl SourceListener {
             (self.observer)(&SourceNotice::HandoffSent { backups });
             return Ok(());
         };
-        let done = self.handoff_done.try_clone().map_err(Error::Timer)?;
+        let done = self.handoff_done.try_clone().map_err(Error::Resource)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("vm-pause".into())
@@ -237,7 +237,7 @@ impl SourceListener {
                 let _ = tx.send((pause, r));
                 let _ = done.write(1);
             })
-            .map_err(Error::Timer)?;
+            .map_err(Error::Resource)?;
         self.handoff_rx = Some(rx);
         Ok(())
     }
