@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm_keepalive::{KeepaliveSpec, UserTimeout};
+use vmm_takeover_core::protocol::{MAX_HEARTBEAT, MIN_HEARTBEAT};
 
 /// Backup-VM takeover over a keepalive-tuned TCP heartbeat link.
 #[derive(Debug, Parser)]
@@ -165,8 +166,10 @@ fn parse_user_timeout(s: &str) -> Result<UserTimeout, String> {
 fn parse_heartbeat(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 10ms or 1s: {e}"))?;
-    if d < Duration::from_millis(1) || d > Duration::from_secs(60) {
-        return Err(format!("heartbeat interval must be 1ms..=60s, got {s:?}"));
+    if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&d) {
+        return Err(format!(
+            "heartbeat interval must be {MIN_HEARTBEAT:?}..={MAX_HEARTBEAT:?}, got {s:?}"
+        ));
     }
     Ok(d)
 }

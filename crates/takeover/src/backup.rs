@@ -16,7 +16,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::hook::{TakeoverReason, TakeoverRecord, VmStart};
 use crate::link::{step, LinkEvent, LinkState, SocketFailure, Verdict};
-use crate::protocol::{validate_pair_id, Frame, FrameReader, ProtocolError};
+use crate::protocol::{
+    validate_pair_id, Frame, FrameReader, ProtocolError, MAX_HEARTBEAT, MIN_HEARTBEAT,
+};
 use crate::timer::Timer;
 use crate::Error;
 
@@ -64,8 +66,8 @@ impl BackupConfig {
             backoff_min: Duration::from_millis(20),
             backoff_max: Duration::from_secs(1),
             heartbeat_misses: 3,
-            heartbeat_min: Duration::from_millis(1),
-            heartbeat_max: Duration::from_secs(60),
+            heartbeat_min: MIN_HEARTBEAT,
+            heartbeat_max: MAX_HEARTBEAT,
             keepalive_watchdog: true,
         }
     }

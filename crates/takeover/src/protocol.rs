@@ -25,6 +25,10 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_PAYLOAD: usize = 512;
 /// Longest pair id, in bytes.
 pub const MAX_PAIR_ID: usize = 64;
+/// Shortest heartbeat interval a source may announce (and backups accept by default).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
+/// Longest heartbeat interval a source may announce (and backups accept by default).
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::hook::VmPause;
-use crate::protocol::{validate_pair_id, Frame, FrameReader, ProtocolError};
+use crate::protocol::{
+    validate_pair_id, Frame, FrameReader, ProtocolError, MAX_HEARTBEAT, MIN_HEARTBEAT,
+};
 use crate::timer::Timer;
 use crate::Error;
 
@@ -139,9 +141,9 @@ impl SourceListener {
     pub fn new(cfg: SourceConfig, observer: SourceObserver) -> Result<Self, Error> {
         validate_pair_id(&cfg.pair_id).map_err(Error::Config)?;
         if let Some(hb) = cfg.heartbeat {
-            if hb < Duration::from_millis(1) {
+            if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&hb) {
                 return Err(Error::Config(format!(
-                    "heartbeat interval must be at least 1ms, got {hb:?}"
+                    "heartbeat interval must be {MIN_HEARTBEAT:?}..={MAX_HEARTBEAT:?}, got {hb:?}"
                 )));
             }
         }

@@ -247,3 +247,17 @@ fn a_panicking_hook_is_reported_as_a_failure() {
     run_until(&mut em, &rx, "takeover handoff");
     run_until(&mut em, &rx, "hook-finished Err(\"vm_start panicked\")");
 }
+
+/// A source refuses a heartbeat interval every backup would refuse in its WELCOME.
+#[test]
+fn source_refuses_heartbeat_intervals_backups_would_refuse() {
+    for hb in [Duration::from_micros(500), Duration::from_secs(61)] {
+        let mut cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "pair");
+        cfg.heartbeat = Some(hb);
+        let e = SourceListener::new(cfg, Box::new(|_: &SourceNotice| {}))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("1ms..=60s"), "{hb:?}: {e}");
+    }
+}
