@@ -264,11 +264,7 @@ impl BackupMonitor {
             Some(Protocol::TCP),
         )?;
         // Keepalive goes on before connect so that the very first idle period already counts.
-        self.cfg
-            .keepalive
-            .apply(&sock)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        sock.set_tcp_nodelay(true)?;
+        crate::tune_socket(&sock, &self.cfg.keepalive)?;
         match sock.connect(&self.cfg.connect.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -27,6 +27,18 @@ pub use link::{LinkEvent, LinkState, SocketFailure, Verdict};
 pub use source::{SourceConfig, SourceListener, SourceNotice};
 pub use vmm_keepalive;
 
+/// Tunes a heartbeat socket the same way on both sides: the keepalive spec (with its
+/// `TCP_USER_TIMEOUT`) and `TCP_NODELAY`, so a frame leaves at once.
+pub(crate) fn tune_socket(
+    sock: &socket2::Socket,
+    keepalive: &vmm_keepalive::KeepaliveSpec,
+) -> std::io::Result<()> {
+    keepalive
+        .apply(sock)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    sock.set_tcp_nodelay(true)
+}
+
 /// Errors from building the subscribers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

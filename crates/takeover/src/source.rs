@@ -293,7 +293,8 @@ impl SourceListener {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: log and wait for the next readiness rather than spin.
+                    // EMFILE and friends: log and leave the connection queued. The listener is
+                    // level-triggered, so while fds stay exhausted the loop keeps coming back here.
                     error!("accept: {e}");
                     return;
                 }
@@ -340,12 +341,7 @@ impl SourceListener {
 
     fn setup(&self, sock: &Socket) -> io::Result<()> {
         sock.set_nonblocking(true)?;
-        sock.set_tcp_nodelay(true)?;
-        self.cfg
-            .keepalive
-            .apply(sock)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        Ok(())
+        crate::tune_socket(sock, &self.cfg.keepalive)
     }
 
     /// Removes connection `idx` from the loop and reports why.
