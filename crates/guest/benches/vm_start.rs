@@ -44,6 +44,7 @@ fn record() -> TakeoverRecord {
         keepalive: None,
         heartbeat: None,
         errno: None,
+        epoch: None,
         detail: "test".to_string(),
     }
 }

@@ -369,6 +369,7 @@ impl BackupMonitor {
             keepalive: self.keepalive,
             heartbeat: self.heartbeat,
             errno,
+            epoch: None,
             detail: detail.to_string(),
         };
         // The guest first: everything else (closing the link, logs, the owner's notice, which

@@ -2,12 +2,20 @@
 //! The hooks a VMM plugs in: start the standby guest, pause the local one.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use vmm_keepalive::EffectiveKeepalive;
 
 /// An error from a hook, boxed so that each backend keeps its own `thiserror` enum.
 pub type HookError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Makes a running hook give up as soon as it can (kill its child process group, shut its socket).
+///
+/// Taken from the hook (see [`VmStart::abort_handle`]) before the hook moves onto its worker
+/// thread, and called from the event loop when the hook's deadline passes or the VMM stops while
+/// the hook runs. Must not block.
+pub type AbortHandle = Arc<dyn Fn() + Send + Sync>;
 
 /// Why the backup took over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +77,9 @@ pub struct TakeoverRecord {
     /// The raw errno that was classified, if the loss came from a socket error (the keepalive
     /// watchdog reports `ETIMEDOUT`, as the kernel would a moment later).
     pub errno: Option<i32>,
+    /// The fencing epoch the arbiter granted with the pair, when an arbiter is configured. It only
+    /// ever grows: storage or network fencing can refuse writes tagged with an older one.
+    pub epoch: Option<u64>,
     /// What exactly was seen, for logs and operators (e.g. "EOF from source").
     pub detail: String,
 }
@@ -84,15 +95,34 @@ pub trait VmStart: Send {
 
     /// A short human description, e.g. `kvm-dummy` or `qmp:/run/vm.qmp`.
     fn describe(&self) -> String;
+
+    /// A handle that makes a running `vm_start` give up (see [`AbortHandle`]); `None` when the
+    /// hook cannot be interrupted (it then runs to its own end, reported late).
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
 }
 
-/// Pauses the local guest before a planned HANDOFF (source side).
+/// Pauses the local guest before a planned HANDOFF (source side), and resumes it when the handoff
+/// fails before the backup's copy runs.
 pub trait VmPause: Send {
     /// Pauses the guest. Returns once it is paused.
     fn vm_pause(&mut self) -> Result<(), HookError>;
 
+    /// Resumes the guest after [`vm_pause`](Self::vm_pause), when the handoff did not happen (the
+    /// backup refused or failed to start its copy). Returns once the guest runs. The default says
+    /// it cannot: the guest then stays paused and the failure is reported.
+    fn vm_resume(&mut self) -> Result<(), HookError> {
+        Err(format!("the pause hook {} cannot resume the guest", self.describe()).into())
+    }
+
     /// A short human description.
     fn describe(&self) -> String;
+
+    /// A handle that makes a running pause or resume give up (see [`AbortHandle`]).
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
 }
 
 impl<F> VmStart for F

@@ -14,6 +14,7 @@
 
 use std::net::SocketAddr;
 
+pub mod arbiter;
 pub mod backup;
 pub mod hook;
 pub mod link;
@@ -21,8 +22,9 @@ pub mod protocol;
 pub mod source;
 pub mod timer;
 
+pub use arbiter::{Acquire, Arbiter, ArbiterError, Ownership};
 pub use backup::{BackupConfig, BackupMonitor, BackupNotice, HeartbeatStats};
-pub use hook::{HookError, TakeoverReason, TakeoverRecord, VmPause, VmStart};
+pub use hook::{AbortHandle, HookError, TakeoverReason, TakeoverRecord, VmPause, VmStart};
 pub use link::{LinkEvent, LinkState, SocketFailure, Verdict};
 pub use source::{SourceConfig, SourceListener, SourceNotice};
 pub use vmm_keepalive;

@@ -25,6 +25,7 @@ pub fn record(reason: TakeoverReason, errno: Option<i32>) -> TakeoverRecord {
         keepalive: None,
         heartbeat: None,
         errno,
+        epoch: None,
         detail: "test".to_string(),
     }
 }
