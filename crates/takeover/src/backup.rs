@@ -1,30 +1,35 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The backup side: an event-manager subscriber that connects to the source, arms the link, and
-//! calls the `VmStart` hook exactly once when the armed link is lost.
+//! calls the `VmStart` hook at most once when the state machine ([`crate::link::backup`]) says so.
+//!
+//! This file does I/O only: it turns readiness, timers and messages into inputs of
+//! [`link::backup::step`](crate::link::backup::step) and carries out the actions it returns.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
 use socket2::{Domain, Protocol, Socket, Type};
-use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
+use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec, UserTimeout};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::hook::{TakeoverReason, TakeoverRecord, VmStart};
-use crate::link::{step, LinkEvent, LinkState, SocketFailure, Verdict};
+use crate::hook::{AbortHandle, TakeoverReason, TakeoverRecord, VmStart};
+use crate::link::backup::{self as machine, Action, Input, Link, Outcome, Phase, Policy, State};
+use crate::link::SocketFailure;
+use crate::mailbox::{offload, Done, Mailbox, Sender};
 use crate::protocol::{
-    validate_pair_id, Frame, FrameReader, ProtocolError, MAX_HEARTBEAT, MIN_HEARTBEAT,
+    validate_node, validate_pair_id, Frame, FrameReader, HandoffStatus, ProtocolError,
+    MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
 use crate::timer::Timer;
 use crate::Error;
 
 const TOKEN_SOCK: u32 = 0;
 const TOKEN_TIMER: u32 = 1;
-const TOKEN_HOOK_DONE: u32 = 2;
+const TOKEN_MAILBOX: u32 = 2;
 
 /// Configuration of a [`BackupMonitor`].
 #[derive(Debug, Clone)]
@@ -33,7 +38,11 @@ pub struct BackupConfig {
     pub connect: SocketAddr,
     /// The VM pair this backup stands in for.
     pub pair_id: String,
-    /// Keepalive applied to the socket before connect.
+    /// This backup's name in the arbiter (sent in HELLO so a handoff can pass the pair to it);
+    /// empty without an arbiter.
+    pub node: String,
+    /// Keepalive applied to the socket before connect. Its `TCP_USER_TIMEOUT` policy is not
+    /// applied: see [`BackupConfig::link_keepalive`].
     pub keepalive: KeepaliveSpec,
     /// How long the handshake (connect + HELLO → WELCOME) may take.
     pub handshake_timeout: Duration,
@@ -47,12 +56,25 @@ pub struct BackupConfig {
     pub heartbeat_min: Duration,
     /// Largest heartbeat interval this backup accepts in a WELCOME.
     pub heartbeat_max: Duration,
+    /// The heartbeat deadline is never shorter than this, whatever the source announces: below a
+    /// few scheduler ticks a busy host would take over on a hiccup.
+    pub min_deadline: Duration,
     /// Enforce the keepalive bound with a precise timer of our own as well (takes over as
-    /// `timed-out` once no data or ACK arrived for `idle + intvl × cnt`). The kernel's keepalive
-    /// timers run on jiffies and their lateness adds up over `cnt + 1` hops: up to ~200 ms past
-    /// the bound at HZ=250. The watchdog checks the kernel's own `TCP_INFO` timestamps, so it
-    /// never fires while probes are being answered.
+    /// `timed-out` once no data or ACK arrived for the bound the kernel applies). The kernel's
+    /// keepalive timers run on jiffies and their lateness adds up over `cnt + 1` hops: up to
+    /// ~200 ms past the bound at HZ=250. The watchdog checks the kernel's own `TCP_INFO`
+    /// timestamps, so it never fires while probes are being answered.
     pub keepalive_watchdog: bool,
+    /// `vm_start` must return within this time; after it the takeover is reported as timed out
+    /// (whether the guest runs is unknown) and the hook is aborted through its handle.
+    pub hook_timeout: Duration,
+    /// After a stop during `vm_start`, how long to wait for the aborted hook to end.
+    pub stop_timeout: Duration,
+    /// Retry a REJECT that cannot heal by itself (wrong pair id, protocol version) instead of
+    /// ending with [`BackupNotice::Rejected`].
+    pub retry_rejected: bool,
+    /// `SO_RCVBUF` of the link's socket; `None` leaves the kernel's autotuning.
+    pub recv_buffer: Option<usize>,
 }
 
 impl BackupConfig {
@@ -61,6 +83,7 @@ impl BackupConfig {
         BackupConfig {
             connect,
             pair_id: pair_id.into(),
+            node: String::new(),
             keepalive: KeepaliveSpec::DEFAULT,
             handshake_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(20),
@@ -68,45 +91,78 @@ impl BackupConfig {
             heartbeat_misses: 3,
             heartbeat_min: MIN_HEARTBEAT,
             heartbeat_max: MAX_HEARTBEAT,
+            min_deadline: Duration::from_millis(20),
             keepalive_watchdog: true,
+            hook_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(3),
+            retry_rejected: false,
+            recv_buffer: None,
         }
     }
 
-    /// Checks the values that can be wrong.
+    /// Checks every value, including the keepalive spec against the kernel's limits (by applying
+    /// it to a scratch socket), so a bad value fails at start and never as an endless retry.
     pub fn validate(&self) -> Result<(), Error> {
         validate_pair_id(&self.pair_id).map_err(Error::Config)?;
+        if !self.node.is_empty() {
+            validate_node(&self.node).map_err(Error::Config)?;
+        }
         if self.heartbeat_misses == 0 {
             return Err(Error::Config(
                 "heartbeat misses must be at least 1".to_string(),
             ));
         }
-        if self.handshake_timeout.is_zero() || self.backoff_min.is_zero() {
-            return Err(Error::Config(
-                "handshake timeout and backoff must be above zero".to_string(),
-            ));
+        for (what, d) in [
+            ("handshake timeout", self.handshake_timeout),
+            ("backoff", self.backoff_min),
+            ("hook timeout", self.hook_timeout),
+            ("stop timeout", self.stop_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::Config(format!("{what} must be above zero")));
+            }
         }
-        Ok(())
+        if self.backoff_max < self.backoff_min {
+            return Err(Error::Config(format!(
+                "backoff cap {:?} is below the first backoff {:?}",
+                self.backoff_max, self.backoff_min
+            )));
+        }
+        crate::check_keepalive(&self.link_keepalive(), self.connect)
+    }
+
+    /// The keepalive the link's socket gets: the spec without `TCP_USER_TIMEOUT`. Measured on
+    /// Linux 6.1: a backup whose own loop stalls with a full receive buffer has its connection
+    /// aborted by its own kernel (`ETIMEDOUT`) once the user timeout passes, whatever the source
+    /// does: a live source would be taken over. Without it the kernel's keepalive still bounds
+    /// the detection of a dead source by `idle + intvl × cnt`, and the backup sends nothing that
+    /// could sit unacknowledged on an armed link, which is what the user timeout is for.
+    pub fn link_keepalive(&self) -> KeepaliveSpec {
+        self.keepalive.with_user_timeout(UserTimeout::Off)
     }
 }
 
-/// What the backup reports to its owner.
+/// What the backup reports to its owner. Always called on the event loop.
 #[derive(Debug)]
 pub enum BackupNotice<'a> {
-    /// A connect attempt started.
+    /// The first connect attempt started.
     Connecting {
         /// Source address.
         addr: SocketAddr,
-        /// 1 for the first attempt.
-        attempt: u64,
     },
-    /// The attempt failed; the next starts after `delay`.
+    /// An attempt failed; the next starts after `delay`. Rate-limited: the first few failures,
+    /// then at most one report per [`RETRY_REPORT_EVERY`], with the count of those not reported.
     Retrying {
         /// What went wrong.
         why: String,
         /// Backoff before the next attempt.
         delay: Duration,
+        /// Attempts since the link was last armed (or since start).
+        attempt: u64,
+        /// Failures not reported since the last report.
+        suppressed: u64,
     },
-    /// The link armed: from now on its loss means takeover.
+    /// The link armed: from now on its loss is a verdict.
     Armed {
         /// The source's address.
         peer: SocketAddr,
@@ -114,11 +170,17 @@ pub enum BackupNotice<'a> {
         keepalive: Option<EffectiveKeepalive>,
         /// Heartbeat interval announced by the source.
         heartbeat: Option<Duration>,
-        /// The heartbeat deadline (`interval × misses`), in heartbeat mode.
+        /// The heartbeat deadline (`interval × misses`, at least the local floor).
         deadline: Option<Duration>,
     },
-    /// The source stood down in order: nothing runs.
-    StandDown,
+    /// The armed link failed (or carried HANDOFF): without an arbiter, the takeover follows at
+    /// once; with one, the arbiter decides.
+    LinkLost {
+        /// Why.
+        reason: TakeoverReason,
+        /// What exactly was seen.
+        detail: &'a str,
+    },
     /// Takeover decided; `vm_start` is being called off the loop.
     Takeover(&'a TakeoverRecord),
     /// `vm_start` returned.
@@ -128,7 +190,30 @@ pub enum BackupNotice<'a> {
         /// How long `vm_start` took.
         took: Duration,
     },
+    /// `vm_start` did not return within [`BackupConfig::hook_timeout`]; it was aborted. Whether
+    /// the guest runs is unknown.
+    HookTimedOut {
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The source stood down in order: nothing runs.
+    StandDown,
+    /// The source refused this backup for good.
+    Rejected {
+        /// The source's reason.
+        reason: String,
+    },
+    /// The owner stopped the backup ([`BackupHandle::stop`]).
+    Stopped {
+        /// Whether a running `vm_start` had to be aborted (its outcome is unknown).
+        aborted_hook: bool,
+        /// What the heartbeats looked like on the last armed link.
+        heartbeats: HeartbeatStats,
+    },
 }
+
+/// How often, at most, a run of failed connect attempts is reported.
+pub const RETRY_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// What the backup saw of the source's heartbeats since the link armed: how close the link came
 /// to a (false) takeover.
@@ -147,28 +232,49 @@ impl HeartbeatStats {
     }
 }
 
-/// Receives [`BackupNotice`]s on the event loop. Must not block. `Send`, so that the subscriber
-/// can live in an `Arc<Mutex<_>>` shared with a VMM's API thread, as Firecracker's do.
+/// Receives [`BackupNotice`]s on the event loop. Must not block.
 pub type BackupObserver = Box<dyn FnMut(&BackupNotice<'_>) + Send>;
 
-type HookResult = (Result<(), String>, Duration);
+/// Messages from other threads to the monitor's loop.
+enum Msg {
+    /// `vm_start` returned.
+    Hook(Done<Result<(), String>>),
+    /// The owner stops the backup.
+    Stop,
+}
+
+/// Calls into a [`BackupMonitor`] from any thread; they are carried out on its loop.
+#[derive(Clone)]
+pub struct BackupHandle(Sender<Msg>);
+
+impl BackupHandle {
+    /// Stops the backup: the link closes and nothing more starts. A `vm_start` under way is
+    /// aborted (its abort handle) and the stop waits at most [`BackupConfig::stop_timeout`] for
+    /// it. Ends with [`BackupNotice::Stopped`] (or the hook's own result, if it won the race).
+    /// `false` when the monitor is gone.
+    pub fn stop(&self) -> bool {
+        self.0.send(Msg::Stop)
+    }
+}
 
 /// The backup's event-manager subscriber.
 pub struct BackupMonitor {
     cfg: BackupConfig,
-    state: LinkState,
+    policy: Policy,
+    state: State,
     sock: Option<Socket>,
     reader: FrameReader,
-    /// One timer per link, its meaning given by the state: retry backoff or handshake timeout
-    /// before arming, heartbeat deadline after. Two fds per idle link, not four, at 1,000 links.
+    /// One timer; its meaning follows the state (see `docs/state-machines.md`): backoff,
+    /// handshake deadline, heartbeat deadline and keepalive watchdog, hook deadline, stop deadline.
     timer: Timer,
+    mailbox: Mailbox<Msg>,
     hook: Option<Box<dyn VmStart>>,
-    /// Created at takeover only: an idle link needs no eventfd.
-    hook_done: Option<EventFd>,
-    hook_rx: Option<mpsc::Receiver<HookResult>>,
+    abort: Option<AbortHandle>,
+    hook_result: Option<Done<Result<(), String>>>,
     observer: BackupObserver,
     attempt: u64,
     backoff: Duration,
+    retries: RetryReports,
     armed_at: Option<SystemTime>,
     keepalive: Option<EffectiveKeepalive>,
     heartbeat: Option<Duration>,
@@ -178,6 +284,13 @@ pub struct BackupMonitor {
     stats: HeartbeatStats,
     record: Option<TakeoverRecord>,
     last_errno: Option<i32>,
+}
+
+/// Rate limit for reports of failed attempts.
+#[derive(Debug, Default)]
+struct RetryReports {
+    last: Option<Instant>,
+    suppressed: u64,
 }
 
 impl BackupMonitor {
@@ -190,16 +303,19 @@ impl BackupMonitor {
         cfg.validate()?;
         Ok(BackupMonitor {
             backoff: cfg.backoff_min,
+            policy: Policy::default(),
             cfg,
-            state: LinkState::Connecting,
+            state: State::INITIAL,
             sock: None,
             reader: FrameReader::new(),
             timer: Timer::new().map_err(Error::Resource)?,
+            mailbox: Mailbox::new().map_err(Error::Resource)?,
             hook: Some(hook),
-            hook_done: None,
-            hook_rx: None,
+            abort: None,
+            hook_result: None,
             observer,
             attempt: 0,
+            retries: RetryReports::default(),
             armed_at: None,
             keepalive: None,
             heartbeat: None,
@@ -211,8 +327,13 @@ impl BackupMonitor {
         })
     }
 
-    /// Where the link is.
-    pub fn state(&self) -> LinkState {
+    /// A handle for calls from other threads (stop).
+    pub fn handle(&self) -> BackupHandle {
+        BackupHandle(self.mailbox.sender())
+    }
+
+    /// Where the backup is.
+    pub fn state(&self) -> State {
         self.state
     }
 
@@ -221,9 +342,11 @@ impl BackupMonitor {
         self.stats
     }
 
-    /// The heartbeat deadline in force (`interval × misses`), in heartbeat mode.
+    /// The heartbeat deadline in force (`interval × misses`, at least the local floor), in
+    /// heartbeat mode.
     pub fn deadline(&self) -> Option<Duration> {
-        self.heartbeat.map(|hb| hb * self.cfg.heartbeat_misses)
+        self.heartbeat
+            .map(|hb| (hb * self.cfg.heartbeat_misses).max(self.cfg.min_deadline))
     }
 
     /// The takeover record, once the backup took over.
@@ -231,12 +354,84 @@ impl BackupMonitor {
         self.record.as_ref()
     }
 
+    /// Feeds one input through the state machine and carries out its actions, in order.
+    fn feed(&mut self, ops: &mut EventOps, input: Input, detail: &str) {
+        let before = self.state;
+        let (next, actions) = machine::step(before, input, self.policy);
+        if next != before {
+            debug!("backup {before:?} + {input:?} -> {next:?} ({detail})");
+        }
+        self.state = next;
+        for a in actions.iter() {
+            self.act(ops, a, input, detail);
+        }
+        self.arm_timer();
+    }
+
+    fn act(&mut self, ops: &mut EventOps, a: Action, input: Input, detail: &str) {
+        match a {
+            Action::Connect => self.connect(ops),
+            Action::Redial => self.redial(ops, detail),
+            Action::Arm => self.arm(),
+            Action::DropLink => self.drop_socket(ops),
+            Action::Verdict(reason) => {
+                warn!("link to {} lost: {reason} ({detail})", self.cfg.connect);
+                (self.observer)(&BackupNotice::LinkLost { reason, detail });
+            }
+            // The arbiter's part comes with its backend; without one these never occur.
+            Action::Arbitrate | Action::CancelArbitration | Action::ReleasePair => {}
+            Action::StartGuest(reason) => {
+                let errno = match input {
+                    Input::Failed(_) => self.last_errno,
+                    _ => None,
+                };
+                self.take_over(reason, errno, detail);
+            }
+            Action::AbortHook => {
+                if let Some(abort) = &self.abort {
+                    warn!("aborting vm_start");
+                    abort();
+                }
+            }
+            Action::Finish(outcome) => self.finish(ops, outcome, detail),
+        }
+    }
+
+    /// The timer follows the state: one meaning at a time.
+    fn arm_timer(&mut self) {
+        let after = match (self.state.phase, self.state.link) {
+            (Phase::Done(_), _) => None,
+            (Phase::Starting(_), _) => self.remaining(self.cfg.hook_timeout),
+            (Phase::Aborting, _) => self.remaining(self.cfg.stop_timeout),
+            // The backoff and handshake deadlines were armed by the action that set them.
+            (_, Link::Down | Link::Connecting | Link::Handshaking) => return,
+            (Phase::Watching, Link::Up) => return,
+            (_, Link::Up) => None,
+        };
+        match after {
+            Some(d) => {
+                let _ = self.timer.arm(d, None);
+            }
+            None => {
+                let _ = self.timer.disarm();
+            }
+        }
+    }
+
+    /// Time left of `limit` since the hook started (the hook deadline and the stop deadline both
+    /// count from there: a stop never extends a takeover).
+    fn remaining(&self, limit: Duration) -> Option<Duration> {
+        let started = self.record.as_ref()?.detected_instant;
+        Some(limit.saturating_sub(started.elapsed()))
+    }
+
     fn connect(&mut self, ops: &mut EventOps) {
         self.attempt += 1;
-        (self.observer)(&BackupNotice::Connecting {
-            addr: self.cfg.connect,
-            attempt: self.attempt,
-        });
+        if self.attempt == 1 {
+            (self.observer)(&BackupNotice::Connecting {
+                addr: self.cfg.connect,
+            });
+        }
         match self.try_connect() {
             Ok(sock) => {
                 if let Err(e) = ops.add(Events::with_data(
@@ -252,7 +447,7 @@ impl BackupMonitor {
             }
             Err(e) => {
                 let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
-                self.handle(ops, LinkEvent::Failed(f), &format!("connect: {e}"));
+                self.feed(ops, Input::Failed(f), &format!("connect: {e}"));
             }
         }
     }
@@ -264,7 +459,10 @@ impl BackupMonitor {
             Some(Protocol::TCP),
         )?;
         // Keepalive goes on before connect so that the very first idle period already counts.
-        crate::tune_socket(&sock, &self.cfg.keepalive)?;
+        crate::tune_socket(&sock, &self.cfg.link_keepalive())?;
+        if let Some(n) = self.cfg.recv_buffer {
+            sock.set_recv_buffer_size(n)?;
+        }
         match sock.connect(&self.cfg.connect.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -273,63 +471,54 @@ impl BackupMonitor {
         Ok(sock)
     }
 
-    /// Closes the link and stops its timer.
+    /// Closes the link, if any.
     fn drop_socket(&mut self, ops: &mut EventOps) {
         if let Some(sock) = self.sock.take() {
             // Deregister before close so that a recycled fd number never meets a stale entry.
             let _ = ops.remove(Events::empty(&sock));
         }
         self.reader = FrameReader::new();
-        let _ = self.timer.disarm();
     }
 
-    /// Feeds an event through the state machine and carries out the verdict.
-    fn handle(&mut self, ops: &mut EventOps, ev: LinkEvent, detail: &str) {
-        let (next, verdict) = step(self.state, ev);
-        debug!(
-            "link {:?} + {ev:?} -> {next:?}, {verdict:?} ({detail})",
-            self.state
-        );
-        self.state = next;
-        match verdict {
-            Verdict::Nothing => {}
-            Verdict::Arm => self.arm(),
-            Verdict::Retry => {
-                self.drop_socket(ops);
-                let delay = self.backoff;
-                self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
-                (self.observer)(&BackupNotice::Retrying {
-                    why: detail.to_string(),
-                    delay,
-                });
-                let _ = self.timer.arm(delay, None);
-            }
-            Verdict::StandDown => {
-                info!("source stood down in order: not taking over");
-                self.drop_socket(ops);
-                (self.observer)(&BackupNotice::StandDown);
-            }
-            Verdict::TakeOver(reason) => {
-                let errno = match ev {
-                    LinkEvent::Failed(_) => self.last_errno,
-                    _ => None,
-                };
-                self.take_over(ops, reason, errno, detail);
-            }
+    fn redial(&mut self, ops: &mut EventOps, why: &str) {
+        self.drop_socket(ops);
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+        let now = Instant::now();
+        let report = self.attempt <= 3
+            || self
+                .retries
+                .last
+                .is_none_or(|t| now.duration_since(t) >= RETRY_REPORT_EVERY);
+        if report {
+            let suppressed = std::mem::take(&mut self.retries.suppressed);
+            self.retries.last = Some(now);
+            info!("link to {}: {why}; next attempt in {delay:?}", self.cfg.connect);
+            (self.observer)(&BackupNotice::Retrying {
+                why: why.to_string(),
+                delay,
+                attempt: self.attempt,
+                suppressed,
+            });
+        } else {
+            self.retries.suppressed += 1;
+            debug!("link to {}: {why}; next attempt in {delay:?}", self.cfg.connect);
         }
+        let _ = self.timer.arm(delay, None);
     }
 
     fn arm(&mut self) {
-        let _ = self.timer.disarm();
         self.backoff = self.cfg.backoff_min;
+        self.attempt = 0;
+        self.retries = RetryReports::default();
         self.armed_at = Some(SystemTime::now());
-        let sock = self.sock.as_ref().expect("armed without a socket");
-        self.keepalive = match EffectiveKeepalive::read_from(sock) {
-            Ok(k) => Some(k),
-            Err(e) => {
+        self.keepalive = match self.sock.as_ref().map(EffectiveKeepalive::read_from) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => {
                 warn!("cannot read keepalive back: {e}");
                 None
             }
+            None => None,
         };
         self.watchdog = self
             .keepalive
@@ -340,6 +529,8 @@ impl BackupMonitor {
         let deadline = self.deadline();
         if deadline.is_some() || self.watchdog.is_some() {
             let _ = self.timer.arm(self.next_check(), None);
+        } else {
+            let _ = self.timer.disarm();
         }
         let peer = self.cfg.connect;
         info!("link to {peer} armed (pair {})", self.cfg.pair_id);
@@ -351,13 +542,7 @@ impl BackupMonitor {
         });
     }
 
-    fn take_over(
-        &mut self,
-        ops: &mut EventOps,
-        reason: TakeoverReason,
-        errno: Option<i32>,
-        detail: &str,
-    ) {
+    fn take_over(&mut self, reason: TakeoverReason, errno: Option<i32>, detail: &str) {
         let detected_instant = Instant::now();
         let detected_at = SystemTime::now();
         let record = TakeoverRecord {
@@ -374,101 +559,143 @@ impl BackupMonitor {
         };
         // The guest first: everything else (closing the link, logs, the owner's notice, which
         // may print) happens while vm_start already runs.
-        let spawn_error = self.spawn_hook(ops, &record);
-        self.drop_socket(ops);
-        warn!("taking over: {reason} ({detail})");
-        (self.observer)(&BackupNotice::Takeover(&record));
-        if let Some(e) = spawn_error {
-            error!("{e}");
-            (self.observer)(&BackupNotice::HookFinished {
-                result: Err(e),
-                took: Duration::ZERO,
-            });
-        }
+        let spawned = self.spawn_hook(&record);
         self.record = Some(record);
+        warn!("taking over: {reason} ({detail})");
+        if let Some(r) = self.record.as_ref() {
+            (self.observer)(&BackupNotice::Takeover(r));
+        }
+        if let Err(e) = spawned {
+            error!("{e}");
+            // Reported like any failed start: the loop sees it as the hook's result.
+            self.mailbox
+                .sender()
+                .send(Msg::Hook((Ok(Err(e)), Duration::ZERO)));
+        }
     }
 
-    /// Runs the hook on a thread of its own; its result comes back through an eventfd. Returns
-    /// why it could not be started, if so. Should the eventfd be unavailable (fd exhaustion),
-    /// the hook still runs: a guest started without a report beats a guest not started.
-    fn spawn_hook(&mut self, ops: &mut EventOps, record: &TakeoverRecord) -> Option<String> {
+    /// Runs the hook on a thread of its own; its result comes back through the mailbox.
+    fn spawn_hook(&mut self, record: &TakeoverRecord) -> Result<(), String> {
         // `take` makes the hook unreachable after its first use, whatever the state machine says.
-        let mut hook = self.hook.take()?;
-        let done = match self.completion_fd(ops) {
-            Ok(done) => Some(done),
-            Err(e) => {
-                error!("vm_start runs, but its result cannot be reported: {e}");
-                None
-            }
+        let Some(mut hook) = self.hook.take() else {
+            return Err("vm_start already ran".to_string());
         };
-        let (tx, rx) = mpsc::channel();
-        self.hook_rx = Some(rx);
+        self.abort = hook.abort_handle();
         let rec = record.clone();
-        std::thread::Builder::new()
-            .name("vm-start".into())
-            .spawn(move || {
-                let t = Instant::now();
-                // A panicking hook is a failed start that is still reported, never silence.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    hook.vm_start(&rec).map_err(|e| e.to_string())
-                }))
-                .unwrap_or_else(|_| Err("vm_start panicked".to_string()));
-                match &r {
-                    Ok(()) => info!("vm_start done in {:?}", t.elapsed()),
-                    Err(e) => error!("vm_start failed after {:?}: {e}", t.elapsed()),
-                }
-                let _ = tx.send((r, t.elapsed()));
-                if let Some(done) = done {
-                    let _ = done.write(1);
-                }
-            })
-            .err()
-            .map(|e| format!("cannot spawn the vm_start thread: {e}"))
+        offload(
+            "vm-start",
+            &self.mailbox.sender(),
+            move || hook.vm_start(&rec).map_err(|e| e.to_string()),
+            Msg::Hook,
+        )
+        .map_err(|e| format!("cannot spawn the vm_start thread: {e}"))
     }
 
-    /// The eventfd the hook thread signals, registered on the loop; returns the thread's copy.
-    fn completion_fd(&mut self, ops: &mut EventOps) -> io::Result<EventFd> {
-        let evt = EventFd::new(EFD_NONBLOCK)?;
-        let theirs = evt.try_clone()?;
-        ops.add(Events::with_data(&evt, TOKEN_HOOK_DONE, EventSet::IN))
-            .map_err(|e| io::Error::other(format!("{e:?}")))?;
-        self.hook_done = Some(evt);
-        Ok(theirs)
+    fn finish(&mut self, ops: &mut EventOps, outcome: Outcome, detail: &str) {
+        // A handoff's link is still up: tell the source whether our copy runs, so that it knows
+        // whether it may resume its own.
+        let handoff = self
+            .record
+            .as_ref()
+            .is_some_and(|r| r.reason == TakeoverReason::Handoff);
+        if handoff && self.sock.is_some() {
+            let status = match &self.hook_result {
+                Some((Ok(Ok(())), _)) => HandoffStatus::Started,
+                Some(_) => HandoffStatus::Failed,
+                None => HandoffStatus::Uncertain,
+            };
+            let detail = match &self.hook_result {
+                Some((Ok(Err(e)) | Err(e), _)) => e.clone(),
+                _ => String::new(),
+            };
+            self.send(&Frame::HandoffResult { status, detail });
+        }
+        self.drop_socket(ops);
+        let _ = self.timer.disarm();
+        let result = self.hook_result.clone();
+        match outcome {
+            Outcome::Started | Outcome::StartFailed => {
+                if let Some((r, took)) = result {
+                    let result = r.and_then(|x| x);
+                    (self.observer)(&BackupNotice::HookFinished { result, took });
+                }
+            }
+            Outcome::StartTimedOut => {
+                error!(
+                    "vm_start did not return within {:?}: aborted, the guest's state is unknown",
+                    self.cfg.hook_timeout
+                );
+                (self.observer)(&BackupNotice::HookTimedOut {
+                    after: self.cfg.hook_timeout,
+                });
+            }
+            Outcome::StoodDown => {
+                info!("source stood down in order: not taking over");
+                (self.observer)(&BackupNotice::StandDown);
+            }
+            Outcome::Rejected => {
+                error!("the source refused this backup for good: {detail}");
+                (self.observer)(&BackupNotice::Rejected {
+                    reason: detail.to_string(),
+                });
+            }
+            Outcome::Stopped => {
+                let aborted_hook = self.record.is_some();
+                (self.observer)(&BackupNotice::Stopped {
+                    aborted_hook,
+                    heartbeats: self.stats,
+                });
+            }
+            // Only with an arbiter.
+            Outcome::Lost => {}
+        }
+    }
+
+    /// Writes one small frame; the link is otherwise idle on this side, so it goes through whole
+    /// or not at all.
+    fn send(&self, frame: &Frame) {
+        let Some(sock) = self.sock.as_ref() else {
+            return;
+        };
+        let bytes = frame.encode();
+        match (&*sock).write(&bytes) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(n) => warn!("{frame}: short write {n} of {}", bytes.len()),
+            Err(e) => warn!("{frame}: {e}"),
+        }
     }
 
     fn on_socket(&mut self, ops: &mut EventOps, set: EventSet) {
         if self.sock.is_none() {
             return;
         }
-        if self.state == LinkState::Connecting {
+        if self.state.link == Link::Connecting {
             if !set.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
                 return;
             }
-            let sock = self.sock.as_ref().unwrap();
+            let sock = self.sock.as_ref().expect("checked above");
             match sock.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => {
                     let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
-                    return self.handle(ops, LinkEvent::Failed(f), &format!("connect: {e}"));
+                    return self.feed(ops, Input::Failed(f), &format!("connect: {e}"));
                 }
             }
             let hello = Frame::Hello {
                 pair_id: self.cfg.pair_id.clone(),
+                node: self.cfg.node.clone(),
                 auth_tag: Vec::new(),
             }
             .encode();
             match (&*sock).write(&hello) {
                 Ok(n) if n == hello.len() => {}
                 Ok(n) => {
-                    return self.handle(
-                        ops,
-                        LinkEvent::Failed(SocketFailure::Other),
-                        &format!("short HELLO write ({n} of {} bytes)", hello.len()),
-                    )
+                    let why = format!("short HELLO write ({n} of {} bytes)", hello.len());
+                    return self.feed(ops, Input::Failed(SocketFailure::Other), &why);
                 }
                 Err(e) => {
                     let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
-                    return self.handle(ops, LinkEvent::Failed(f), &format!("send HELLO: {e}"));
+                    return self.feed(ops, Input::Failed(f), &format!("send HELLO: {e}"));
                 }
             }
             // Connected: from now on only readability (data, EOF, error) matters.
@@ -477,7 +704,7 @@ impl BackupMonitor {
                 TOKEN_SOCK,
                 EventSet::IN | EventSet::READ_HANG_UP,
             ));
-            self.handle(ops, LinkEvent::Connected, "connected, HELLO sent");
+            self.feed(ops, Input::Connected, "connected, HELLO sent");
             // WELCOME may already be queued; fall through to read it.
         }
         self.read_frames(ops);
@@ -496,27 +723,24 @@ impl BackupMonitor {
                 return;
             };
             match (&*sock).read(&mut buf) {
-                Ok(0) => return self.handle(ops, LinkEvent::PeerClosed, "EOF from source"),
+                Ok(0) => return self.feed(ops, Input::PeerClosed, "EOF from source"),
                 Ok(n) => {
                     self.reader.push(&buf[..n]);
                     let drained = n < buf.len();
                     loop {
                         match self.reader.next_frame() {
                             Ok(Some(f)) => {
-                                // No allocation on the heartbeat path: the detail of a good
-                                // frame is its static name.
-                                match self.frame_event(&f) {
-                                    Ok(ev) => self.handle(ops, ev, f.name()),
-                                    Err(e) => {
-                                        error!("protocol error from {}: {e}", self.cfg.connect);
-                                        self.handle(ops, LinkEvent::ProtocolError, &e.to_string());
-                                    }
+                                let (input, why) = self.frame_input(f);
+                                match why {
+                                    // No allocation on the heartbeat path.
+                                    None => self.feed(ops, input, "frame"),
+                                    Some(why) => self.feed(ops, input, &why),
                                 }
                             }
                             Ok(None) => break,
                             Err(e) => {
-                                error!("protocol error from {}: {e}", self.cfg.connect);
-                                return self.handle(ops, LinkEvent::ProtocolError, &e.to_string());
+                                let (input, why) = self.decode_error_input(&e);
+                                return self.feed(ops, input, &why);
                             }
                         }
                         if self.sock.is_none() {
@@ -533,20 +757,24 @@ impl BackupMonitor {
                     let errno = e.raw_os_error().unwrap_or(0);
                     self.last_errno = Some(errno);
                     let f = SocketFailure::from_errno(errno);
-                    return self.handle(ops, LinkEvent::Failed(f), &format!("{e} (errno {errno})"));
+                    return self.feed(ops, Input::Failed(f), &format!("{e} (errno {errno})"));
                 }
             }
         }
     }
 
-    /// Maps a frame to a link event, checking it fits the current state.
-    fn frame_event(&mut self, f: &Frame) -> Result<LinkEvent, ProtocolError> {
-        match (self.state, f) {
-            (LinkState::Handshaking, Frame::Welcome { heartbeat }) => {
+    /// The input a decoded frame is, with a detail for anything but the common case.
+    fn frame_input(&mut self, f: Frame) -> (Input, Option<String>) {
+        let bad = |e: ProtocolError| {
+            error!("protocol error: {e}");
+            (Input::ProtocolError, Some(e.to_string()))
+        };
+        match (self.state.link, f) {
+            (Link::Handshaking, Frame::Welcome { heartbeat, .. }) => {
                 if let Some(hb) = heartbeat {
-                    if *hb < self.cfg.heartbeat_min || *hb > self.cfg.heartbeat_max {
-                        return Err(ProtocolError::BadPayload {
-                            kind: f.kind(),
+                    if hb < self.cfg.heartbeat_min || hb > self.cfg.heartbeat_max {
+                        return bad(ProtocolError::BadPayload {
+                            kind: crate::protocol::Kind::Welcome,
                             why: format!(
                                 "source announced a heartbeat interval of {hb:?}; this backup \
                                  accepts {:?}..={:?}",
@@ -555,29 +783,59 @@ impl BackupMonitor {
                         });
                     }
                 }
-                self.heartbeat = *heartbeat;
-                Ok(LinkEvent::Welcomed)
+                self.heartbeat = heartbeat;
+                (Input::Welcomed, Some("WELCOME".into()))
             }
-            (LinkState::Handshaking, Frame::Reject { reason }) => {
-                Err(ProtocolError::Rejected(reason.clone()))
+            (Link::Handshaking, Frame::Reject { code, reason }) => {
+                let why = format!("rejected by the source ({}): {reason}", code.as_str());
+                warn!("{why}");
+                if code.is_permanent() && !self.cfg.retry_rejected {
+                    (Input::RejectedPermanent, Some(why))
+                } else {
+                    (Input::RejectedTransient, Some(why))
+                }
             }
-            (LinkState::Armed, Frame::Heartbeat { .. }) if self.heartbeat.is_some() => {
+            (Link::Up, Frame::Heartbeat { .. }) if self.heartbeat.is_some() => {
                 let now = Instant::now();
                 self.stats.record(now - self.last_rx);
                 self.last_rx = now;
-                Ok(LinkEvent::Heartbeat)
+                (Input::Heartbeat, None)
             }
-            (LinkState::Armed, Frame::StandDown) => Ok(LinkEvent::StandDown),
-            (LinkState::Armed, Frame::Handoff) => Ok(LinkEvent::Handoff),
-            (LinkState::Handshaking, _) => {
-                Err(ProtocolError::Unexpected(f.name(), "during the handshake"))
+            (Link::Up, Frame::StandDown) => (Input::StandDown, Some("STAND_DOWN".into())),
+            (Link::Up, Frame::Handoff) => (Input::Handoff, Some("HANDOFF from source".into())),
+            (Link::Up, Frame::Evict { reason }) => {
+                warn!("the source dropped this link: {reason}");
+                (Input::Evicted, Some(format!("evicted by the source: {reason}")))
             }
-            _ => Err(ProtocolError::Unexpected(f.name(), "on an armed link")),
+            (Link::Handshaking, f) => {
+                bad(ProtocolError::Unexpected(f.name(), "during the handshake"))
+            }
+            (_, f) => bad(ProtocolError::Unexpected(f.name(), "on an armed link")),
+        }
+    }
+
+    /// Bytes the decoder refused. A source speaking another version is a permanent refusal.
+    fn decode_error_input(&self, e: &ProtocolError) -> (Input, String) {
+        error!("protocol error from {}: {e}", self.cfg.connect);
+        match e {
+            ProtocolError::BadVersion(v) if self.state.link == Link::Handshaking => {
+                let why = format!(
+                    "the source speaks protocol version {v}, this backup {}",
+                    crate::protocol::VERSION
+                );
+                let input = if self.cfg.retry_rejected {
+                    Input::RejectedTransient
+                } else {
+                    Input::RejectedPermanent
+                };
+                (input, why)
+            }
+            _ => (Input::ProtocolError, e.to_string()),
         }
     }
 
     fn on_timer(&mut self, ops: &mut EventOps) {
-        if self.state == LinkState::Armed {
+        if self.state.armed() {
             // No read(2) here: the deadline path either re-arms the timer (timerfd_settime clears
             // the expiration count) or ends the link. One syscall per deadline on a healthy link.
             return self.on_deadline(ops);
@@ -585,17 +843,19 @@ impl BackupMonitor {
         if self.timer.expirations() == 0 {
             return;
         }
-        match self.state {
-            LinkState::Connecting if self.sock.is_none() => self.connect(ops),
-            LinkState::Connecting | LinkState::Handshaking => {
+        match (self.state.phase, self.state.link) {
+            (Phase::Starting(_), _) => self.feed(ops, Input::HookTimeout, "hook deadline"),
+            (Phase::Aborting, _) => self.feed(ops, Input::StopDeadline, "stop deadline"),
+            (_, Link::Down) => self.feed(ops, Input::BackoffElapsed, "backoff elapsed"),
+            (_, Link::Connecting | Link::Handshaking) => {
                 let t = self.cfg.handshake_timeout;
-                self.handle(
+                self.feed(
                     ops,
-                    LinkEvent::HandshakeTimeout,
+                    Input::HandshakeTimeout,
                     &format!("handshake not done within {t:?}"),
                 )
             }
-            LinkState::Armed | LinkState::StoodDown | LinkState::TakenOver => {}
+            _ => {}
         }
     }
 
@@ -614,16 +874,16 @@ impl BackupMonitor {
             // batch, the timer first: drain the socket before judging, so a late loop neither
             // takes over on a heartbeat that already arrived nor hides the kernel's own verdict.
             self.read_frames(ops);
-            if self.state != LinkState::Armed {
+            if !self.state.armed() {
                 return;
             }
         }
         match self.overdue() {
-            Some((ev, detail)) => {
-                if ev == LinkEvent::Failed(SocketFailure::TimedOut) {
+            Some((input, detail)) => {
+                if input == Input::Failed(SocketFailure::TimedOut) {
                     self.last_errno = Some(libc::ETIMEDOUT);
                 }
-                self.handle(ops, ev, &detail)
+                self.feed(ops, input, &detail)
             }
             None => {
                 let next = self.next_check();
@@ -646,13 +906,13 @@ impl BackupMonitor {
         }
     }
 
-    /// The verdict-worthy event if a deadline has passed.
-    fn overdue(&self) -> Option<(LinkEvent, String)> {
+    /// The verdict-worthy input if a deadline has passed.
+    fn overdue(&self) -> Option<(Input, String)> {
         if let Some(d) = self.deadline() {
             let since = self.last_rx.elapsed();
             if since >= d {
                 return Some((
-                    LinkEvent::HeartbeatDeadline,
+                    Input::HeartbeatDeadline,
                     format!("no HEARTBEAT for {since:?} (deadline {d:?})"),
                 ));
             }
@@ -661,7 +921,7 @@ impl BackupMonitor {
             let quiet = self.silence(b);
             if quiet >= b {
                 return Some((
-                    LinkEvent::Failed(SocketFailure::TimedOut),
+                    Input::Failed(SocketFailure::TimedOut),
                     format!(
                         "no data or ACK from the source for {quiet:?}: keepalive bound {b:?} \
                          passed (precise watchdog)"
@@ -684,13 +944,25 @@ impl BackupMonitor {
         next
     }
 
-    fn on_hook_done(&mut self) {
-        if let Some(evt) = self.hook_done.as_ref() {
-            let _ = evt.read();
-        }
-        if let Some(rx) = self.hook_rx.as_ref() {
-            if let Ok((result, took)) = rx.try_recv() {
-                (self.observer)(&BackupNotice::HookFinished { result, took });
+    fn on_mailbox(&mut self, ops: &mut EventOps) {
+        for msg in self.mailbox.drain() {
+            match msg {
+                Msg::Hook(done) => {
+                    let (r, took) = &done;
+                    let input = match r {
+                        Ok(Ok(())) => Input::HookOk,
+                        Ok(Err(e)) | Err(e) => {
+                            error!("vm_start failed after {took:?}: {e}");
+                            Input::HookFailed
+                        }
+                    };
+                    if input == Input::HookOk {
+                        info!("vm_start done in {took:?}");
+                    }
+                    self.hook_result = Some(done);
+                    self.feed(ops, input, "vm_start returned");
+                }
+                Msg::Stop => self.feed(ops, Input::Stop, "stopped by the owner"),
             }
         }
     }
@@ -705,7 +977,7 @@ fn tcp_silence(sock: &Socket) -> io::Result<Duration> {
     // SAFETY: a valid fd, a pointer to a properly sized buffer and its length.
     let r = unsafe {
         libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(sock),
+            sock.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
@@ -721,17 +993,22 @@ fn tcp_silence(sock: &Socket) -> io::Result<Duration> {
 
 impl MutEventSubscriber for BackupMonitor {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)) {
-            error!("cannot register the backup timer: {e:?}");
+        for (fd, token) in [
+            (self.timer.as_raw_fd(), TOKEN_TIMER),
+            (self.mailbox.as_raw_fd(), TOKEN_MAILBOX),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                error!("cannot register backup fd {fd}: {e:?}");
+            }
         }
-        self.connect(ops);
+        self.feed(ops, Input::BackoffElapsed, "start");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_SOCK => self.on_socket(ops, events.event_set()),
             TOKEN_TIMER => self.on_timer(ops),
-            TOKEN_HOOK_DONE => self.on_hook_done(),
+            TOKEN_MAILBOX => self.on_mailbox(ops),
             t => warn!("backup: event for unknown token {t}"),
         }
     }

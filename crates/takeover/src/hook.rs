@@ -37,6 +37,17 @@ pub enum TakeoverReason {
 }
 
 impl TakeoverReason {
+    /// Every reason.
+    pub const ALL: [TakeoverReason; 7] = [
+        TakeoverReason::PeerClosed,
+        TakeoverReason::Reset,
+        TakeoverReason::TimedOut,
+        TakeoverReason::Unreachable,
+        TakeoverReason::Handoff,
+        TakeoverReason::HeartbeatTimeout,
+        TakeoverReason::LinkError,
+    ];
+
     /// The stable kebab-case name used in events, environment variables and docs.
     pub fn as_str(&self) -> &'static str {
         match self {

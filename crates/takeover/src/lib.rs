@@ -4,13 +4,14 @@
 //! - [`source::SourceListener`]: the source VMM's subscriber; listens, handshakes backups, sends
 //!   heartbeats, STAND_DOWN and HANDOFF.
 //! - [`backup::BackupMonitor`]: the backup VMM's subscriber; connects with keepalive tuning, arms the
-//!   link, and calls [`VmStart`] exactly once when the armed link is lost.
-//! - [`link`]: the pure state machine behind every takeover decision.
+//!   link, and calls [`VmStart`] at most once when the armed link is lost.
+//! - [`link`]: the pure state machines of both sides, behind every decision.
 //! - [`protocol`]: wire protocol v1.
+//! - [`arbiter`]: the ownership of a pair, decided by an external arbiter (split-brain guard).
 //!
 //! Both subscribers implement event-manager's `MutEventSubscriber`: add them to the VMM's own
-//! `EventManager`. Neither ever blocks in `process()`.
-#![deny(missing_docs)]
+//! `EventManager`. Neither ever blocks in `process()`; calls from other threads go through their
+//! handles ([`SourceHandle`], [`BackupHandle`]), whose messages are carried out on the loop.
 
 use std::net::SocketAddr;
 
@@ -18,15 +19,16 @@ pub mod arbiter;
 pub mod backup;
 pub mod hook;
 pub mod link;
+mod mailbox;
 pub mod protocol;
 pub mod source;
-pub mod timer;
+mod timer;
 
 pub use arbiter::{Acquire, Arbiter, ArbiterError, Ownership};
-pub use backup::{BackupConfig, BackupMonitor, BackupNotice, HeartbeatStats};
+pub use backup::{BackupConfig, BackupHandle, BackupMonitor, BackupNotice, HeartbeatStats};
 pub use hook::{AbortHandle, HookError, TakeoverReason, TakeoverRecord, VmPause, VmStart};
-pub use link::{LinkEvent, LinkState, SocketFailure, Verdict};
-pub use source::{SourceConfig, SourceListener, SourceNotice};
+pub use link::SocketFailure;
+pub use source::{SourceConfig, SourceHandle, SourceListener, SourceNotice};
 pub use vmm_keepalive;
 
 /// Tunes a heartbeat socket the same way on both sides: the keepalive spec (with its
@@ -41,6 +43,25 @@ pub(crate) fn tune_socket(
     sock.set_tcp_nodelay(true)
 }
 
+/// Applies `keepalive` to a scratch socket of `addr`'s family, so that a value the kernel refuses
+/// (a bound beyond what `TCP_USER_TIMEOUT` can hold, say) fails at start with the kernel's limit
+/// named, never as an endless retry.
+pub(crate) fn check_keepalive(
+    keepalive: &vmm_keepalive::KeepaliveSpec,
+    addr: SocketAddr,
+) -> Result<(), Error> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.cloexec(),
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(Error::Resource)?;
+    keepalive
+        .apply(&sock)
+        .map(drop)
+        .map_err(|e| Error::Config(format!("keepalive: {e}")))
+}
+
 /// Errors from building the subscribers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -50,10 +71,7 @@ pub enum Error {
     /// The listen socket could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    /// A timerfd, eventfd or thread could not be created.
-    #[error("cannot create a timerfd, eventfd or thread: {0}")]
+    /// A socket, timerfd, eventfd or thread could not be created.
+    #[error("cannot create a socket, timerfd, eventfd or thread: {0}")]
     Resource(std::io::Error),
-    /// The operation is already under way.
-    #[error("busy: {0}")]
-    Busy(&'static str),
 }

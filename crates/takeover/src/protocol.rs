@@ -25,6 +25,8 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_PAYLOAD: usize = 512;
 /// Longest pair id, in bytes.
 pub const MAX_PAIR_ID: usize = 64;
+/// Longest node name (a process's name in the arbiter), in bytes.
+pub const MAX_NODE: usize = 128;
 /// Shortest heartbeat interval a source may announce (and backups accept by default).
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
 /// Longest heartbeat interval a source may announce (and backups accept by default).
@@ -46,6 +48,10 @@ pub enum Kind {
     StandDown = 5,
     /// source → backup: planned switchover, the source guest is paused, take over now.
     Handoff = 6,
+    /// backup → source: the outcome of the `vm_start` a HANDOFF caused.
+    HandoffResult = 7,
+    /// source → backup: the source lives and drops this connection; dial again.
+    Evict = 8,
 }
 
 impl Kind {
@@ -57,6 +63,8 @@ impl Kind {
             4 => Kind::Heartbeat,
             5 => Kind::StandDown,
             6 => Kind::Handoff,
+            7 => Kind::HandoffResult,
+            8 => Kind::Evict,
             _ => return None,
         })
     }
@@ -69,6 +77,8 @@ pub enum Frame {
     Hello {
         /// Which VM pair this backup stands in for.
         pair_id: String,
+        /// The backup's name in the arbiter (empty without one): a handoff passes the pair to it.
+        node: String,
         /// Reserved for a pre-shared-key authentication tag; empty in v1.
         auth_tag: Vec<u8>,
     },
@@ -77,10 +87,15 @@ pub enum Frame {
         /// Heartbeat interval the source will keep; `None` for keepalive-only links.
         /// Encoded as a mode byte (0 none, 1 heartbeat) and the interval in µs (u32).
         heartbeat: Option<Duration>,
+        /// The source's name in the arbiter (empty without one).
+        node: String,
     },
     /// Handshake refused.
     Reject {
-        /// Human-readable reason.
+        /// Why, as a code the backup acts on.
+        code: RejectCode,
+        /// Human-readable detail. Never the source's own pair id or anything else a wrong
+        /// client should not learn.
         reason: String,
     },
     /// Application heartbeat, with a sequence number.
@@ -92,6 +107,99 @@ pub enum Frame {
     StandDown,
     /// Planned switchover.
     Handoff,
+    /// The outcome of the `vm_start` a HANDOFF caused.
+    HandoffResult {
+        /// What happened.
+        status: HandoffStatus,
+        /// Human-readable detail (the hook's error), at most [`MAX_DETAIL`] bytes.
+        detail: String,
+    },
+    /// The source drops this (armed) connection but lives: redial.
+    Evict {
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+/// Longest free-text detail in REJECT, EVICT and HANDOFF_RESULT, in bytes.
+pub const MAX_DETAIL: usize = 256;
+
+/// Why the source refused a handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RejectCode {
+    /// The backup stands in for another pair. Permanent.
+    PairMismatch = 1,
+    /// The backup speaks another protocol version. Permanent.
+    Version = 2,
+    /// The backup's HELLO was malformed. Permanent.
+    Malformed = 3,
+    /// The source is at a limit (connections, descriptors). May heal.
+    Busy = 4,
+    /// The source is stopping or handing off. May heal (a new source may come).
+    Stopping = 5,
+    /// A frame out of place. Permanent (the peers disagree about the protocol).
+    Unexpected = 6,
+}
+
+impl RejectCode {
+    fn from_u8(b: u8) -> Option<RejectCode> {
+        Some(match b {
+            1 => RejectCode::PairMismatch,
+            2 => RejectCode::Version,
+            3 => RejectCode::Malformed,
+            4 => RejectCode::Busy,
+            5 => RejectCode::Stopping,
+            6 => RejectCode::Unexpected,
+            _ => return None,
+        })
+    }
+
+    /// Whether waiting cannot heal the refusal: the backup then gives up unless asked to retry.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            RejectCode::PairMismatch
+                | RejectCode::Version
+                | RejectCode::Malformed
+                | RejectCode::Unexpected
+        )
+    }
+
+    /// A stable kebab-case name, for events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::PairMismatch => "pair-mismatch",
+            RejectCode::Version => "version",
+            RejectCode::Malformed => "malformed",
+            RejectCode::Busy => "busy",
+            RejectCode::Stopping => "stopping",
+            RejectCode::Unexpected => "unexpected",
+        }
+    }
+}
+
+/// What a backup reports after a HANDOFF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum HandoffStatus {
+    /// Its `vm_start` succeeded: its copy runs.
+    Started = 0,
+    /// Its `vm_start` failed: its copy does not run.
+    Failed = 1,
+    /// Its `vm_start` did not finish in time: whether its copy runs is unknown.
+    Uncertain = 2,
+}
+
+impl HandoffStatus {
+    fn from_u8(b: u8) -> Option<HandoffStatus> {
+        Some(match b {
+            0 => HandoffStatus::Started,
+            1 => HandoffStatus::Failed,
+            2 => HandoffStatus::Uncertain,
+            _ => return None,
+        })
+    }
 }
 
 /// Why a frame or byte stream was refused.
@@ -104,7 +212,7 @@ pub enum ProtocolError {
     #[error("unsupported protocol version {0} (this build speaks version {VERSION})")]
     BadVersion(u8),
     /// An unknown frame kind.
-    #[error("unknown frame kind {0} (known: 1..=6)")]
+    #[error("unknown frame kind {0} (known: 1..=8)")]
     BadKind(u8),
     /// Payload longer than allowed.
     #[error("oversized frame: payload of {0} bytes (at most {MAX_PAYLOAD} allowed)")]
@@ -120,17 +228,27 @@ pub enum ProtocolError {
     /// A valid frame that is not allowed at this point of the conversation.
     #[error("unexpected {0} frame {1}")]
     Unexpected(&'static str, &'static str),
-    /// The pair id does not match.
-    #[error("pair id mismatch: peer says {got:?}, this side serves {want:?}")]
+    /// The pair id does not match (the expected one is not named: a wrong client learns nothing).
+    #[error("pair id mismatch: peer asked for {got:?}, which this source does not serve")]
     PairIdMismatch {
         /// Received.
         got: String,
-        /// Expected.
-        want: String,
     },
-    /// The source refused the handshake.
-    #[error("rejected by source: {0}")]
-    Rejected(String),
+}
+
+impl ProtocolError {
+    /// The REJECT code a source answers this error with during a handshake.
+    pub fn reject_code(&self) -> RejectCode {
+        match self {
+            ProtocolError::BadVersion(_) => RejectCode::Version,
+            ProtocolError::PairIdMismatch { .. } => RejectCode::PairMismatch,
+            ProtocolError::Unexpected(..) => RejectCode::Unexpected,
+            ProtocolError::BadMagic(_)
+            | ProtocolError::BadKind(_)
+            | ProtocolError::Oversized(_)
+            | ProtocolError::BadPayload { .. } => RejectCode::Malformed,
+        }
+    }
 }
 
 impl Frame {
@@ -143,6 +261,8 @@ impl Frame {
             Frame::Heartbeat { .. } => Kind::Heartbeat,
             Frame::StandDown => Kind::StandDown,
             Frame::Handoff => Kind::Handoff,
+            Frame::HandoffResult { .. } => Kind::HandoffResult,
+            Frame::Evict { .. } => Kind::Evict,
         }
     }
 
@@ -155,32 +275,46 @@ impl Frame {
             Frame::Heartbeat { .. } => "HEARTBEAT",
             Frame::StandDown => "STAND_DOWN",
             Frame::Handoff => "HANDOFF",
+            Frame::HandoffResult { .. } => "HANDOFF_RESULT",
+            Frame::Evict { .. } => "EVICT",
         }
     }
 
     /// Encodes the frame, header included.
+    ///
+    /// Variable-length fields longer than the protocol allows are cut to their limits (names are
+    /// checked where they are configured; free text is informational).
     pub fn encode(&self) -> Vec<u8> {
         let mut payload = Vec::new();
         match self {
-            Frame::Hello { pair_id, auth_tag } => {
-                payload.push(pair_id.len() as u8);
-                payload.extend_from_slice(pair_id.as_bytes());
-                payload.push(auth_tag.len() as u8);
-                payload.extend_from_slice(auth_tag);
+            Frame::Hello {
+                pair_id,
+                node,
+                auth_tag,
+            } => {
+                put_short(&mut payload, pair_id.as_bytes(), MAX_PAIR_ID);
+                put_short(&mut payload, node.as_bytes(), MAX_NODE);
+                put_short(&mut payload, auth_tag, u8::MAX as usize);
             }
-            Frame::Welcome { heartbeat } => {
+            Frame::Welcome { heartbeat, node } => {
                 // Mode byte first so that "heartbeat every 0 µs" stays distinguishable from
                 // "no heartbeat" and can be refused by the backup.
                 payload.push(heartbeat.is_some() as u8);
                 let us = heartbeat.map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32);
                 payload.extend_from_slice(&us.to_be_bytes());
+                put_short(&mut payload, node.as_bytes(), MAX_NODE);
             }
-            Frame::Reject { reason } => {
-                let r = reason.as_bytes();
-                payload.extend_from_slice(&r[..r.len().min(MAX_PAYLOAD)]);
+            Frame::Reject { code, reason } => {
+                payload.push(*code as u8);
+                payload.extend_from_slice(cut(reason, MAX_DETAIL));
             }
             Frame::Heartbeat { seq } => payload.extend_from_slice(&seq.to_be_bytes()),
             Frame::StandDown | Frame::Handoff => {}
+            Frame::HandoffResult { status, detail } => {
+                payload.push(*status as u8);
+                payload.extend_from_slice(cut(detail, MAX_DETAIL));
+            }
+            Frame::Evict { reason } => payload.extend_from_slice(cut(reason, MAX_DETAIL)),
         }
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(&MAGIC);
@@ -198,39 +332,49 @@ impl Frame {
         };
         match kind {
             Kind::Hello => {
-                let (&n, rest) = p.split_first().ok_or_else(|| bad("empty"))?;
-                let n = n as usize;
-                if rest.len() < n + 1 {
-                    return Err(bad("truncated pair id"));
-                }
-                let pair_id = std::str::from_utf8(&rest[..n])
-                    .map_err(|_| bad("pair id is not UTF-8"))?
-                    .to_string();
+                let mut r = Cursor(p);
+                let pair_id = r.text(MAX_PAIR_ID, "pair id").map_err(|e| bad(&e))?;
                 validate_pair_id(&pair_id).map_err(|e| bad(&e))?;
-                let tag_len = rest[n] as usize;
-                let tag = &rest[n + 1..];
-                if tag.len() != tag_len {
-                    return Err(bad("auth tag length does not match"));
+                let node = r.text(MAX_NODE, "node name").map_err(|e| bad(&e))?;
+                if !node.is_empty() {
+                    validate_node(&node).map_err(|e| bad(&e))?;
                 }
+                let auth_tag = r.short(u8::MAX as usize, "auth tag").map_err(|e| bad(&e))?;
+                r.end().map_err(|e| bad(&e))?;
                 Ok(Frame::Hello {
                     pair_id,
-                    auth_tag: tag.to_vec(),
+                    node,
+                    auth_tag: auth_tag.to_vec(),
                 })
             }
             Kind::Welcome => {
-                let b: [u8; 5] = p.try_into().map_err(|_| bad("expected 5 bytes"))?;
-                let us = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
-                match b[0] {
-                    0 => Ok(Frame::Welcome { heartbeat: None }),
-                    1 => Ok(Frame::Welcome {
-                        heartbeat: Some(Duration::from_micros(us as u64)),
-                    }),
-                    m => Err(bad(&format!("unknown heartbeat mode {m} (0 or 1)"))),
+                if p.len() < 5 {
+                    return Err(bad("expected a mode byte and a 4-byte interval"));
                 }
+                let us = u32::from_be_bytes([p[1], p[2], p[3], p[4]]);
+                let heartbeat = match p[0] {
+                    0 if us == 0 => None,
+                    0 => return Err(bad("an interval without heartbeat mode")),
+                    1 => Some(Duration::from_micros(us as u64)),
+                    m => return Err(bad(&format!("unknown heartbeat mode {m} (0 or 1)"))),
+                };
+                let mut r = Cursor(&p[5..]);
+                let node = r.text(MAX_NODE, "node name").map_err(|e| bad(&e))?;
+                if !node.is_empty() {
+                    validate_node(&node).map_err(|e| bad(&e))?;
+                }
+                r.end().map_err(|e| bad(&e))?;
+                Ok(Frame::Welcome { heartbeat, node })
             }
-            Kind::Reject => Ok(Frame::Reject {
-                reason: String::from_utf8_lossy(p).into_owned(),
-            }),
+            Kind::Reject => {
+                let (&c, text) = p.split_first().ok_or_else(|| bad("no reject code"))?;
+                let code = RejectCode::from_u8(c)
+                    .ok_or_else(|| bad(&format!("unknown reject code {c} (1..=6)")))?;
+                Ok(Frame::Reject {
+                    code,
+                    reason: detail(text).map_err(|e| bad(&e))?,
+                })
+            }
             Kind::Heartbeat => {
                 let b: [u8; 8] = p.try_into().map_err(|_| bad("expected 8 bytes"))?;
                 Ok(Frame::Heartbeat {
@@ -247,6 +391,81 @@ impl Frame {
                     Frame::Handoff
                 })
             }
+            Kind::HandoffResult => {
+                let (&c, text) = p.split_first().ok_or_else(|| bad("no status"))?;
+                let status = HandoffStatus::from_u8(c)
+                    .ok_or_else(|| bad(&format!("unknown handoff status {c} (0..=2)")))?;
+                Ok(Frame::HandoffResult {
+                    status,
+                    detail: detail(text).map_err(|e| bad(&e))?,
+                })
+            }
+            Kind::Evict => Ok(Frame::Evict {
+                reason: detail(p).map_err(|e| bad(&e))?,
+            }),
+        }
+    }
+}
+
+/// A length-prefixed (`u8`) field, cut to `max` bytes.
+fn put_short(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
+    let b = &bytes[..bytes.len().min(max).min(u8::MAX as usize)];
+    out.push(b.len() as u8);
+    out.extend_from_slice(b);
+}
+
+/// Free text cut to `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> &[u8] {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+/// Free text as received: UTF-8, at most [`MAX_DETAIL`] bytes.
+fn detail(bytes: &[u8]) -> Result<String, String> {
+    if bytes.len() > MAX_DETAIL {
+        return Err(format!("text of {} bytes (at most {MAX_DETAIL})", bytes.len()));
+    }
+    std::str::from_utf8(bytes)
+        .map(str::to_string)
+        .map_err(|_| "text is not UTF-8".to_string())
+}
+
+/// Reads length-prefixed fields off a payload.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn short(&mut self, max: usize, what: &str) -> Result<&'a [u8], String> {
+        let (&n, rest) = self
+            .0
+            .split_first()
+            .ok_or_else(|| format!("missing {what}"))?;
+        let n = n as usize;
+        if n > max {
+            return Err(format!("{what} of {n} bytes (at most {max})"));
+        }
+        if rest.len() < n {
+            return Err(format!("truncated {what}"));
+        }
+        let (field, rest) = rest.split_at(n);
+        self.0 = rest;
+        Ok(field)
+    }
+
+    fn text(&mut self, max: usize, what: &str) -> Result<String, String> {
+        let b = self.short(max, what)?;
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    fn end(&self) -> Result<(), String> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} trailing bytes", self.0.len()))
         }
     }
 }
@@ -271,6 +490,26 @@ pub fn validate_pair_id(id: &str) -> Result<(), String> {
     {
         return Err(format!(
             "pair id may only contain A-Z a-z 0-9 . _ -, found {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a node name (a process's name in the arbiter): 1..=128 bytes of
+/// `[A-Za-z0-9._:@/-]`.
+pub fn validate_node(node: &str) -> Result<(), String> {
+    if node.is_empty() || node.len() > MAX_NODE {
+        return Err(format!(
+            "node name must be 1..={MAX_NODE} bytes, got {}",
+            node.len()
+        ));
+    }
+    if let Some(c) = node
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@' | '/')))
+    {
+        return Err(format!(
+            "node name may only contain A-Z a-z 0-9 . _ - : @ /, found {c:?}"
         ));
     }
     Ok(())
@@ -341,18 +580,36 @@ mod tests {
         vec![
             Frame::Hello {
                 pair_id: "vm-42".into(),
+                node: String::new(),
                 auth_tag: vec![],
             },
-            Frame::Welcome { heartbeat: None },
+            Frame::Hello {
+                pair_id: "vm-42".into(),
+                node: "host-b/4242@x1".into(),
+                auth_tag: vec![1, 2, 3],
+            },
+            Frame::Welcome {
+                heartbeat: None,
+                node: String::new(),
+            },
             Frame::Welcome {
                 heartbeat: Some(Duration::from_millis(10)),
+                node: "host-a/1".into(),
             },
             Frame::Reject {
+                code: RejectCode::PairMismatch,
                 reason: "pair id mismatch".into(),
             },
             Frame::Heartbeat { seq: 7 },
             Frame::StandDown,
             Frame::Handoff,
+            Frame::HandoffResult {
+                status: HandoffStatus::Failed,
+                detail: "cont: VM is dead".into(),
+            },
+            Frame::Evict {
+                reason: "HELLO on an armed link".into(),
+            },
         ]
     }
 
@@ -427,6 +684,7 @@ mod tests {
 
         let f = Frame::Hello {
             pair_id: "bad id!".into(),
+            node: String::new(),
             auth_tag: vec![],
         }
         .encode();
@@ -481,6 +739,49 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Bytes that pass the magic and version checks: every kind, any length, any payload. The
+    /// decoder never panics, never over-reads, and whatever it accepts is canonical (it encodes
+    /// back to exactly the bytes it came from), so no two byte strings mean the same frame.
+    #[test]
+    fn random_frames_after_the_magic_decode_canonically_or_not_at_all() {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(20_000));
+        let kinds = 0u8..=9;
+        let payload = proptest::collection::vec(any::<u8>(), 0..300);
+        runner
+            .run(
+                &(kinds, payload, any::<bool>(), 0u16..600),
+                |(kind, payload, honest_len, len)| {
+                    let len = if honest_len { payload.len() as u16 } else { len };
+                    let mut bytes = MAGIC.to_vec();
+                    bytes.push(VERSION);
+                    bytes.push(kind);
+                    bytes.extend_from_slice(&len.to_be_bytes());
+                    bytes.extend_from_slice(&payload);
+                    let mut r = FrameReader::new();
+                    r.push(&bytes);
+                    if let Ok(Some(f)) = r.next_frame() {
+                        let used = bytes.len() - r.pending();
+                        prop_assert_eq!(f.encode(), bytes[..used].to_vec(), "{:?}", f);
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn reject_codes_and_what_they_mean() {
+        assert!(RejectCode::PairMismatch.is_permanent());
+        assert!(RejectCode::Version.is_permanent());
+        assert!(!RejectCode::Busy.is_permanent());
+        assert!(!RejectCode::Stopping.is_permanent());
+        let e = ProtocolError::PairIdMismatch { got: "vm-9".into() };
+        assert_eq!(e.reject_code(), RejectCode::PairMismatch);
+        assert_eq!(ProtocolError::BadVersion(9).reject_code(), RejectCode::Version);
+        assert_eq!(ProtocolError::BadMagic(*b"GET ").reject_code(), RejectCode::Malformed);
     }
 
     #[test]

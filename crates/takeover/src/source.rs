@@ -1,11 +1,23 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The source side: an event-manager subscriber that owns the heartbeat listen socket, accepts and
-//! handshakes backups, sends heartbeats, and tells backups about orderly stops and handoffs.
+//! handshakes backups, sends heartbeats, and carries out the orderly stop and the planned handoff
+//! that the state machines of [`crate::link::source`] decide.
+//!
+//! Two promises shape this file:
+//! - **A live source never looks dead to an armed backup.** It never closes a joined backup's
+//!   connection without telling it first (STAND_DOWN, HANDOFF, EVICT), every frame it writes
+//!   arrives whole (a short write is finished later, never cut), heartbeats to a backup that stops
+//!   reading are skipped rather than queued (so there is always room for the final frame), and while
+//!   a backup does not read, the connection's `TCP_USER_TIMEOUT` is lifted so the kernel does not
+//!   abort it (since Linux 5.x the user timeout also ends zero-window probing of a live peer).
+//! - **The loop never spins or blocks.** Out of descriptors, it sheds connections and pauses
+//!   accepting instead of spinning on a readable listener; hooks run off the loop with deadlines.
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -13,11 +25,16 @@ use log::{debug, error, info, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::hook::VmPause;
+use crate::hook::{AbortHandle, VmPause};
+use crate::link::source::{
+    self as machine, Action, Conn as ConnState, ConnAction, ConnInput, HandoffStatus, Input,
+    Policy, Refusal, State,
+};
+use crate::mailbox::{offload, Done, Mailbox, Sender};
 use crate::protocol::{
-    validate_pair_id, Frame, FrameReader, ProtocolError, MAX_HEARTBEAT, MIN_HEARTBEAT,
+    self, validate_node, validate_pair_id, Frame, FrameReader, ProtocolError, RejectCode,
+    MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
 use crate::timer::Timer;
 use crate::Error;
@@ -25,9 +42,16 @@ use crate::Error;
 const TOKEN_LISTEN: u32 = 0;
 const TOKEN_HEARTBEAT: u32 = 1;
 const TOKEN_SWEEP: u32 = 2;
-const TOKEN_HANDOFF: u32 = 3;
+const TOKEN_MAILBOX: u32 = 3;
+const TOKEN_JOB: u32 = 4;
+const TOKEN_ACCEPT: u32 = 5;
 /// Connection `i` uses token `TOKEN_CONN_BASE + i`.
 const TOKEN_CONN_BASE: u32 = 16;
+
+/// How long accepting pauses after `accept` failed for lack of resources (EMFILE and friends).
+pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How often, at most, a run of accept failures is reported.
+const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Configuration of a [`SourceListener`].
 #[derive(Debug, Clone)]
@@ -36,14 +60,31 @@ pub struct SourceConfig {
     pub listen: SocketAddr,
     /// The VM pair this source serves; backups with another id are refused.
     pub pair_id: String,
+    /// This source's name in the arbiter (announced in WELCOME); empty without an arbiter.
+    pub node: String,
     /// Keepalive applied to every accepted backup connection.
     pub keepalive: KeepaliveSpec,
-    /// A backup that has not completed HELLO within this time is dropped.
+    /// A backup that has not completed HELLO within this time is dropped; a backup told to go
+    /// (STAND_DOWN, EVICT) that has not closed its side within it is closed.
     pub handshake_timeout: Duration,
     /// Send HEARTBEAT frames from the event loop at this interval (`None`: keepalive only).
     pub heartbeat: Option<Duration>,
-    /// Most backups served at once; more are refused.
+    /// Most backups served at once; more are refused (REJECT busy).
     pub max_backups: usize,
+    /// Most connections still in their handshake; beyond it the oldest is refused. Idle or
+    /// garbage connections cannot crowd out a real backup, whose HELLO comes at once.
+    pub max_pending: usize,
+    /// A backup whose connection holds more than this many unsent bytes is not reading: its
+    /// heartbeats are skipped (never queued), so a final frame always fits.
+    pub slow_unsent: usize,
+    /// The pause hook must return within this time, and so must the resume hook.
+    pub pause_timeout: Duration,
+    /// After HANDOFF, the chosen backup must report its `vm_start` within this time; after it the
+    /// handoff is uncertain and the guest stays paused. Longer than the backups' hook timeout.
+    pub handoff_timeout: Duration,
+    /// After STAND_DOWN, how long to wait for backups to close their side before reporting the
+    /// stop as done.
+    pub drain_timeout: Duration,
 }
 
 impl SourceConfig {
@@ -52,15 +93,52 @@ impl SourceConfig {
         SourceConfig {
             listen,
             pair_id: pair_id.into(),
+            node: String::new(),
             keepalive: KeepaliveSpec::DEFAULT,
             handshake_timeout: Duration::from_secs(2),
             heartbeat: None,
             max_backups: 4096,
+            max_pending: 64,
+            slow_unsent: 512,
+            pause_timeout: Duration::from_secs(30),
+            handoff_timeout: Duration::from_secs(90),
+            drain_timeout: Duration::from_secs(2),
         }
+    }
+
+    /// Checks every value, including the keepalive spec against the kernel's limits.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_pair_id(&self.pair_id).map_err(Error::Config)?;
+        if !self.node.is_empty() {
+            validate_node(&self.node).map_err(Error::Config)?;
+        }
+        if let Some(hb) = self.heartbeat {
+            if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&hb) {
+                return Err(Error::Config(format!(
+                    "heartbeat interval must be {MIN_HEARTBEAT:?}..={MAX_HEARTBEAT:?}, got {hb:?}"
+                )));
+            }
+        }
+        for (what, d) in [
+            ("handshake timeout", self.handshake_timeout),
+            ("pause timeout", self.pause_timeout),
+            ("handoff timeout", self.handoff_timeout),
+            ("drain timeout", self.drain_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::Config(format!("{what} must be above zero")));
+            }
+        }
+        if self.max_backups == 0 || self.max_pending == 0 {
+            return Err(Error::Config(
+                "max backups and max pending connections must be at least 1".into(),
+            ));
+        }
+        crate::check_keepalive(&self.keepalive, self.listen)
     }
 }
 
-/// What the source reports to its owner.
+/// What the source reports to its owner. Always called on the event loop.
 #[derive(Debug)]
 pub enum SourceNotice<'a> {
     /// A backup completed the handshake.
@@ -69,8 +147,10 @@ pub enum SourceNotice<'a> {
         peer: SocketAddr,
         /// Keepalive read back from its socket.
         keepalive: Option<&'a EffectiveKeepalive>,
+        /// Its name in the arbiter, if it gave one.
+        node: &'a str,
     },
-    /// A connection was refused during the handshake (bad frame, wrong pair id, timeout...).
+    /// A connection was refused during the handshake (bad frame, wrong pair id, timeout, limits).
     BackupRejected {
         /// Its address.
         peer: SocketAddr,
@@ -84,69 +164,188 @@ pub enum SourceNotice<'a> {
         /// How it went.
         why: String,
     },
-    /// [`SourceListener::begin_handoff`]: the guest is paused and HANDOFF went out.
+    /// A joined backup misbehaved and was told to redial (EVICT).
+    BackupEvicted {
+        /// Its address.
+        peer: SocketAddr,
+        /// Why.
+        why: String,
+    },
+    /// A joined backup stopped reading: its heartbeats are skipped and its connection's
+    /// `TCP_USER_TIMEOUT` is lifted until it reads again. The source keeps it.
+    BackupSlow {
+        /// Its address.
+        peer: SocketAddr,
+        /// Bytes written but not yet sent.
+        unsent: usize,
+    },
+    /// A slow backup reads again.
+    BackupCaughtUp {
+        /// Its address.
+        peer: SocketAddr,
+        /// Heartbeats it missed.
+        skipped: u64,
+    },
+    /// `accept` failed for lack of resources; accepting pauses for [`ACCEPT_PAUSE`] at a time.
+    /// Rate-limited.
+    AcceptFailed {
+        /// The error.
+        error: String,
+        /// Failures since the last report (this one included).
+        count: u64,
+    },
+    /// A handoff was refused; the guest keeps running here.
+    HandoffRefused {
+        /// Why.
+        why: Refusal,
+    },
+    /// The guest is paused (confirmed); HANDOFF follows.
+    HandoffPaused,
+    /// HANDOFF went to one backup; the others were stood down.
     HandoffSent {
-        /// How many backups were told.
+        /// The chosen backup.
+        to: SocketAddr,
+        /// Other backups told STAND_DOWN.
+        others: usize,
+    },
+    /// The chosen backup reported that its copy runs. The guest stays paused here for good.
+    HandoffComplete {
+        /// The chosen backup.
+        to: SocketAddr,
+        /// From the handoff request to the backup's report.
+        took: Duration,
+    },
+    /// The handoff failed before the backup's copy ran.
+    HandoffFailed {
+        /// Where: `pause`, `hand-over`, `send` or `backup-start`.
+        stage: &'static str,
+        /// What went wrong.
+        error: String,
+        /// Whether the guest runs here again (the resume hook succeeded).
+        resumed: bool,
+    },
+    /// Whether the backup's copy runs is unknown (no answer, its start timed out, or its link
+    /// died after HANDOFF): the guest stays paused here, for the operator to decide.
+    HandoffUncertain {
+        /// Why.
+        why: String,
+    },
+    /// A stand-down arrived during a handoff; it is carried out if the handoff fails.
+    StandDownDeferred,
+    /// STAND_DOWN went to every joined backup.
+    StandDownSent {
+        /// How many.
         backups: usize,
     },
-    /// [`SourceListener::begin_handoff`]: pausing the guest failed, so no HANDOFF was sent (the
-    /// guest may still run: handing off now would risk two running copies). The source keeps
-    /// serving and the handoff may be tried again.
-    HandoffFailed {
-        /// The pause hook's error.
-        error: String,
+    /// The stop is complete: every told backup closed its side, or the drain time passed.
+    StoodDown {
+        /// Backups told STAND_DOWN.
+        told: usize,
+        /// Of those, how many closed their side (the frame surely arrived).
+        confirmed: usize,
     },
 }
 
-/// The pause hook, handed back with its result by the thread that ran it.
-type PauseOutcome = (Box<dyn VmPause>, Result<(), String>);
-
-/// Receives [`SourceNotice`]s on the event loop. Must not block. `Send`, like [`crate::backup::BackupObserver`].
+/// Receives [`SourceNotice`]s on the event loop. Must not block.
 pub type SourceObserver = Box<dyn FnMut(&SourceNotice<'_>) + Send>;
 
-#[derive(Debug)]
+/// Messages from other threads to the listener's loop.
+enum Msg {
+    StandDown,
+    Handoff,
+    Paused(Done<Result<(), String>>),
+    Resumed(Done<Result<(), String>>),
+}
+
+/// Wraps a pause or resume hook's result into its message.
+type HookReport = fn(Done<Result<(), String>>) -> Msg;
+
+/// Calls into a [`SourceListener`] from any thread (an API thread, a signal handler's
+/// subscriber); they are carried out on its loop, and their outcome arrives as notices.
+#[derive(Clone)]
+pub struct SourceHandle(Sender<Msg>);
+
+impl SourceHandle {
+    /// Orderly stop: STAND_DOWN to every backup, then [`SourceNotice::StoodDown`]. `false` when
+    /// the listener is gone.
+    pub fn stand_down(&self) -> bool {
+        self.0.send(Msg::StandDown)
+    }
+
+    /// Planned switchover, as a transaction: the pause hook runs off the loop; once the pause is
+    /// confirmed HANDOFF goes to one backup (the others are stood down); the guest is resumed if
+    /// the handoff fails before that backup's copy runs. Refused while no backup is armed.
+    /// `false` when the listener is gone.
+    pub fn begin_handoff(&self) -> bool {
+        self.0.send(Msg::Handoff)
+    }
+}
+
 struct Conn {
     sock: Socket,
     peer: SocketAddr,
     reader: FrameReader,
-    /// `Some(deadline)` until HELLO has been accepted.
-    handshake_deadline: Option<Instant>,
+    state: ConnState,
+    /// Handshake deadline, or the deadline for a told backup to close its side.
+    deadline: Option<Instant>,
+    accepted: Instant,
+    joined_at: Option<Instant>,
     keepalive: Option<EffectiveKeepalive>,
+    node: String,
+    /// Frame bytes not yet written: a frame is never cut, its rest goes out on `EPOLLOUT`.
+    outbox: Vec<u8>,
+    /// Half-close once the outbox is empty.
+    shutdown_after_flush: bool,
+    /// Heartbeats skipped since the backup stopped reading, `Some` while it does not read.
+    slow: Option<u64>,
+    /// The last REJECT/EVICT/close reason, for the report.
+    why: String,
 }
 
 /// The source's event-manager subscriber.
 pub struct SourceListener {
     cfg: SourceConfig,
+    policy: Policy,
+    state: State,
     listener: Socket,
     local_addr: SocketAddr,
+    listener_registered: bool,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
     joined: usize,
-    heartbeat_timer: Timer,
-    /// Drops stalled handshakes; armed only while some connection is handshaking.
-    sweep_timer: Timer,
     handshaking: usize,
+    heartbeat_timer: Timer,
+    /// Drops stalled handshakes and backups that do not close after being told to.
+    sweep_timer: Timer,
+    /// The deadline of the hook or wait under way (pause, result, resume, drain).
+    job_timer: Timer,
+    /// Re-enables accepting after [`ACCEPT_PAUSE`].
+    accept_timer: Timer,
     seq: u64,
     observer: SourceObserver,
-    stopping: bool,
-    /// Pauses the local guest before HANDOFF; lent to a thread while a handoff is under way.
-    pause: Option<Box<dyn VmPause>>,
-    handoff_done: EventFd,
-    /// `Some` while a handoff's pause hook runs.
-    handoff_rx: Option<mpsc::Receiver<PauseOutcome>>,
+    mailbox: Mailbox<Msg>,
+    /// Shared with the thread running it, so a hook that overruns its deadline is never lost.
+    pause: Option<Arc<Mutex<Box<dyn VmPause>>>>,
+    pause_abort: Option<AbortHandle>,
+    target: Option<usize>,
+    handoff_started: Option<Instant>,
+    /// Why the handoff under way failed (the first cause), for the report.
+    failure: Option<(&'static str, String)>,
+    /// Whether the resume after a failed handoff succeeded.
+    resumed: bool,
+    stand_down_deferred: bool,
+    told: usize,
+    confirmed: usize,
+    /// Closed and reopened to shed one connection when descriptors run out.
+    spare_fd: Option<File>,
+    accept_failures: u64,
+    accept_reported: Option<Instant>,
 }
 
 impl SourceListener {
     /// Binds the listen socket (non-blocking) so that errors surface before the loop starts.
     pub fn new(cfg: SourceConfig, observer: SourceObserver) -> Result<Self, Error> {
-        validate_pair_id(&cfg.pair_id).map_err(Error::Config)?;
-        if let Some(hb) = cfg.heartbeat {
-            if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&hb) {
-                return Err(Error::Config(format!(
-                    "heartbeat interval must be {MIN_HEARTBEAT:?}..={MAX_HEARTBEAT:?}, got {hb:?}"
-                )));
-            }
-        }
+        cfg.validate()?;
         let bind = |a: SocketAddr| -> io::Result<Socket> {
             let s = Socket::new(
                 Domain::for_address(a),
@@ -165,21 +364,35 @@ impl SourceListener {
             .and_then(|a| a.as_socket())
             .unwrap_or(cfg.listen);
         Ok(SourceListener {
+            policy: Policy::default(),
             cfg,
+            state: State::Serving,
             listener,
             local_addr,
+            listener_registered: false,
             conns: Vec::new(),
             free: Vec::new(),
             joined: 0,
+            handshaking: 0,
             heartbeat_timer: Timer::new().map_err(Error::Resource)?,
             sweep_timer: Timer::new().map_err(Error::Resource)?,
-            handshaking: 0,
+            job_timer: Timer::new().map_err(Error::Resource)?,
+            accept_timer: Timer::new().map_err(Error::Resource)?,
             seq: 0,
             observer,
-            stopping: false,
+            mailbox: Mailbox::new().map_err(Error::Resource)?,
             pause: None,
-            handoff_done: EventFd::new(EFD_NONBLOCK).map_err(Error::Resource)?,
-            handoff_rx: None,
+            pause_abort: None,
+            target: None,
+            handoff_started: None,
+            failure: None,
+            resumed: false,
+            stand_down_deferred: false,
+            told: 0,
+            confirmed: 0,
+            spare_fd: File::open("/dev/null").ok(),
+            accept_failures: 0,
+            accept_reported: None,
         })
     }
 
@@ -193,289 +406,700 @@ impl SourceListener {
         self.joined
     }
 
-    /// Sends STAND_DOWN to every joined backup and half-closes each link, so the FIN follows the
-    /// frame: an orderly stop is never mistaken for a crash. Returns how many backups were told.
-    /// The listener stops heartbeats; call it right before the VMM exits.
-    pub fn stand_down(&mut self) -> usize {
-        self.broadcast_final(Frame::StandDown)
+    /// Where the source is.
+    pub fn state(&self) -> State {
+        self.state
     }
 
-    /// Sends HANDOFF to every joined backup (call after pausing the local guest). Returns how many
-    /// backups were told. [`begin_handoff`](Self::begin_handoff) does the pause too.
-    pub fn handoff(&mut self) -> usize {
-        self.broadcast_final(Frame::Handoff)
+    /// A handle for calls from other threads: stand down, hand off.
+    pub fn handle(&self) -> SourceHandle {
+        SourceHandle(self.mailbox.sender())
     }
 
-    /// Sets the hook that pauses the local guest before a planned handoff.
+    /// Sets the hook that pauses the local guest before a planned handoff (and resumes it if the
+    /// handoff fails). Without one, a handoff assumes the caller paused the guest itself and
+    /// cannot resume it.
     pub fn set_pause_hook(&mut self, pause: Box<dyn VmPause>) {
-        self.pause = Some(pause);
+        self.pause_abort = pause.abort_handle();
+        self.pause = Some(Arc::new(Mutex::new(pause)));
     }
 
-    /// Planned switchover, the whole of it: pauses the local guest with the pause hook on a thread
-    /// of its own (it may take a while: QMP `stop`, a vCPU kick) and, once it reports success on
-    /// the loop, sends HANDOFF ([`SourceNotice::HandoffSent`]). If the pause fails nothing is
-    /// sent ([`SourceNotice::HandoffFailed`]). Without a pause hook it hands off at once. Callable
-    /// from outside the loop (an API thread holding the subscriber's mutex).
-    pub fn begin_handoff(&mut self) -> Result<(), Error> {
-        if self.handoff_rx.is_some() {
-            return Err(Error::Busy("a handoff is already under way"));
+    /// Feeds one input through the handoff/stop machine and carries out its actions, in order.
+    fn feed(&mut self, ops: &mut EventOps, input: Input) {
+        let before = self.state;
+        let (next, actions) = machine::step(before, input, self.policy);
+        if next != before {
+            info!("source {before:?} + {input:?} -> {next:?}");
         }
-        let Some(mut pause) = self.pause.take() else {
-            let backups = self.handoff();
-            (self.observer)(&SourceNotice::HandoffSent { backups });
-            return Ok(());
+        self.state = next;
+        for a in actions.iter() {
+            self.act(ops, a);
+        }
+        if self.state == State::Serving && self.stand_down_deferred {
+            self.stand_down_deferred = false;
+            self.feed(ops, Input::StandDownRequested);
+        }
+    }
+
+    fn act(&mut self, ops: &mut EventOps, a: Action) {
+        match a {
+            Action::Refuse(why) => {
+                warn!("handoff refused: {why:?}");
+                (self.observer)(&SourceNotice::HandoffRefused { why });
+            }
+            Action::Pause => {
+                self.handoff_started = Some(Instant::now());
+                self.failure = None;
+                self.run_pause_hook(ops, true);
+            }
+            Action::AbortPause => {
+                if let Some(abort) = &self.pause_abort {
+                    abort();
+                }
+            }
+            // The arbiter's part comes with its backend; without one this never occurs.
+            Action::HandOver => {}
+            Action::StandDownOthers => {
+                let target = self.choose_target();
+                self.target = target;
+                let others: Vec<usize> = self.joined_indices().filter(|&i| Some(i) != target).collect();
+                for &idx in &others {
+                    self.send_stand_down(ops, idx);
+                }
+                if let Some(t) = target {
+                    let to = self.conns[t].as_ref().map(|c| c.peer);
+                    debug!("handoff target {to:?}, {} other(s) stood down", others.len());
+                }
+            }
+            Action::SendHandoff => self.send_handoff(ops),
+            Action::Resume => self.run_pause_hook(ops, false),
+            Action::ReportFailed => {
+                let _ = self.job_timer.disarm();
+                let (stage, error) = self
+                    .failure
+                    .take()
+                    .unwrap_or(("pause", "unknown".to_string()));
+                let resumed = self.resumed;
+                error!("handoff failed at {stage}: {error} (guest resumed: {resumed})");
+                (self.observer)(&SourceNotice::HandoffFailed {
+                    stage,
+                    error,
+                    resumed,
+                });
+            }
+            Action::StandDownAll => {
+                let _ = self.heartbeat_timer.disarm();
+                let idx: Vec<usize> = self.joined_indices().collect();
+                for &i in &idx {
+                    self.send_stand_down(ops, i);
+                }
+                // Handshaking connections never armed: a REJECT is enough.
+                let pending: Vec<usize> = self.indices(ConnState::Handshaking).collect();
+                for i in pending {
+                    self.reject(ops, i, RejectCode::Stopping, "the source is stopping".into());
+                }
+                info!("STAND_DOWN sent to {} backup(s)", idx.len());
+                (self.observer)(&SourceNotice::StandDownSent { backups: idx.len() });
+                let _ = self.job_timer.arm(self.cfg.drain_timeout, None);
+                self.check_drained();
+            }
+            Action::DeferStandDown => {
+                self.stand_down_deferred = true;
+                (self.observer)(&SourceNotice::StandDownDeferred);
+            }
+            Action::Finish => {
+                let _ = self.job_timer.disarm();
+                let _ = self.heartbeat_timer.disarm();
+                let to = self
+                    .target
+                    .and_then(|t| self.conns[t].as_ref().map(|c| c.peer));
+                match self.state {
+                    State::HandedOff => {
+                        let took = self.handoff_started.map_or(Duration::ZERO, |t| t.elapsed());
+                        let to = to.unwrap_or(self.local_addr);
+                        info!("handoff to {to} complete in {took:?}");
+                        (self.observer)(&SourceNotice::HandoffComplete { to, took });
+                    }
+                    _ => {
+                        let why = self
+                            .failure
+                            .take()
+                            .map(|(_, e)| e)
+                            .unwrap_or_else(|| "unknown".into());
+                        error!("handoff uncertain: {why}; the guest stays paused here");
+                        (self.observer)(&SourceNotice::HandoffUncertain { why });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Joined backups, excluding those being told to go.
+    fn joined_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.indices(ConnState::Joined)
+    }
+
+    fn indices(&self, state: ConnState) -> impl Iterator<Item = usize> + '_ {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter(move |(_, c)| c.as_ref().is_some_and(|c| c.state == state))
+            .map(|(i, _)| i)
+    }
+
+    /// The backup that has been armed longest: the likeliest to be in sync.
+    fn choose_target(&self) -> Option<usize> {
+        self.joined_indices()
+            .min_by_key(|&i| self.conns[i].as_ref().and_then(|c| c.joined_at))
+    }
+
+    /// Runs the pause (or resume) hook off the loop with its deadline; without a hook, reports at
+    /// once (the caller paused the guest; nothing can resume it).
+    fn run_pause_hook(&mut self, ops: &mut EventOps, pause: bool) {
+        let Some(hook) = self.pause.clone() else {
+            if pause {
+                let joined = self.joined;
+                return self.feed(ops, Input::Paused { joined });
+            }
+            self.resumed = false;
+            self.note_failure("resume", "no pause hook: the guest cannot be resumed".into());
+            return self.feed(ops, Input::ResumeFailed);
         };
-        let done = self.handoff_done.try_clone().map_err(Error::Resource)?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("vm-pause".into())
-            .spawn(move || {
-                // A panicking hook is a failed pause, never a silent success.
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    pause.vm_pause().map_err(|e| e.to_string())
-                }))
-                .unwrap_or_else(|_| Err("the pause hook panicked".to_string()));
-                // The hook comes back with the result, so a failed handoff can be tried again.
-                let _ = tx.send((pause, r));
-                let _ = done.write(1);
-            })
-            .map_err(Error::Resource)?;
-        self.handoff_rx = Some(rx);
+        let (name, wrap): (&str, HookReport) = if pause {
+            ("vm-pause", Msg::Paused)
+        } else {
+            ("vm-resume", Msg::Resumed)
+        };
+        let job = move || {
+            let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
+            if pause {
+                h.vm_pause()
+            } else {
+                h.vm_resume()
+            }
+            .map_err(|e| e.to_string())
+        };
+        match offload(name, &self.mailbox.sender(), job, wrap) {
+            Ok(()) => {
+                let _ = self.job_timer.arm(self.cfg.pause_timeout, None);
+            }
+            Err(e) => {
+                let error = format!("cannot spawn the {name} thread: {e}");
+                if pause {
+                    self.note_failure("pause", error);
+                    self.feed(ops, Input::PauseFailed);
+                } else {
+                    self.resumed = false;
+                    self.note_failure("resume", error);
+                    self.feed(ops, Input::ResumeFailed);
+                }
+            }
+        }
+    }
+
+    /// Keeps the first cause of a failed handoff; later ones are appended.
+    fn note_failure(&mut self, stage: &'static str, error: String) {
+        match &mut self.failure {
+            None => self.failure = Some((stage, error)),
+            Some((_, e)) => {
+                e.push_str("; then ");
+                e.push_str(stage);
+                e.push_str(": ");
+                e.push_str(&error);
+            }
+        }
+    }
+
+    /// HANDOFF to the chosen backup. Written whole or not at all (it fits: see `slow_unsent`).
+    fn send_handoff(&mut self, ops: &mut EventOps) {
+        let Some(t) = self.target else {
+            self.note_failure("send", "no backup to hand off to".into());
+            return self.feed(ops, Input::HandoffNotDelivered);
+        };
+        let others = self.told;
+        match self.write_frame(t, &Frame::Handoff) {
+            Ok(()) => {
+                let _ = self.heartbeat_timer.disarm();
+                self.conn_input(ops, t, ConnInput::HandoffSent, String::new());
+                let to = self.conns[t].as_ref().map_or(self.local_addr, |c| c.peer);
+                info!("HANDOFF sent to {to}");
+                (self.observer)(&SourceNotice::HandoffSent { to, others });
+                let _ = self.job_timer.arm(self.cfg.handoff_timeout, None);
+            }
+            Err(e) => {
+                self.note_failure("send", format!("HANDOFF could not be written: {e}"));
+                self.feed(ops, Input::HandoffNotDelivered);
+            }
+        }
+    }
+
+    /// STAND_DOWN to one joined backup, then half-close once it is out.
+    fn send_stand_down(&mut self, ops: &mut EventOps, idx: usize) {
+        if let Err(e) = self.write_frame(idx, &Frame::StandDown) {
+            warn!("STAND_DOWN to backup {idx}: {e}");
+        }
+        if let Some(c) = self.conns[idx].as_mut() {
+            c.shutdown_after_flush = true;
+            c.deadline = Some(Instant::now() + self.cfg.drain_timeout.max(self.cfg.handshake_timeout));
+        }
+        self.flush(ops, idx);
+        self.told += 1;
+        self.conn_input(ops, idx, ConnInput::StandDownSent, String::new());
+        self.arm_sweep();
+    }
+
+    /// Queues a frame whole and writes what the socket takes now; the rest goes out on
+    /// `EPOLLOUT`. An error means nothing of it can ever arrive.
+    fn write_frame(&mut self, idx: usize, frame: &Frame) -> io::Result<()> {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
+        let was_empty = c.outbox.is_empty();
+        c.outbox.extend_from_slice(&frame.encode());
+        if was_empty {
+            write_out(c)?;
+        }
         Ok(())
     }
 
-    fn on_handoff_done(&mut self) {
-        let _ = self.handoff_done.read();
-        let Some(Ok((pause, result))) = self.handoff_rx.as_ref().map(|rx| rx.try_recv()) else {
+    /// Writes the outbox; watches `EPOLLOUT` while bytes remain; half-closes when asked and done.
+    fn flush(&mut self, ops: &mut EventOps, idx: usize) {
+        let Some(c) = self.conns[idx].as_mut() else {
             return;
         };
-        self.handoff_rx = None;
-        self.pause = Some(pause);
-        match result {
-            Ok(()) => {
-                let backups = self.handoff();
-                (self.observer)(&SourceNotice::HandoffSent { backups });
+        if let Err(e) = write_out(c) {
+            debug!("backup {}: write: {e}", c.peer);
+        }
+        let mut set = EventSet::IN | EventSet::READ_HANG_UP;
+        if !c.outbox.is_empty() {
+            set |= EventSet::OUT;
+        } else if c.shutdown_after_flush {
+            c.shutdown_after_flush = false;
+            let _ = c.sock.shutdown(Shutdown::Write);
+        }
+        let _ = ops.modify(Events::with_data(
+            &c.sock,
+            TOKEN_CONN_BASE + idx as u32,
+            set,
+        ));
+    }
+
+    /// REJECT a connection that never armed, and close it.
+    fn reject(&mut self, ops: &mut EventOps, idx: usize, code: RejectCode, why: String) {
+        if let Some(c) = self.conns[idx].as_mut() {
+            // Best effort: the peer may be no backup at all; it never armed, so a reset is fine.
+            let _ = (&c.sock).write(&Frame::Reject { code, reason: why.clone() }.encode());
+            c.why = why;
+        }
+        self.conn_input(ops, idx, ConnInput::HelloBad, String::new());
+    }
+
+    /// Feeds a connection's machine and carries out its action.
+    fn conn_input(&mut self, ops: &mut EventOps, idx: usize, input: ConnInput, why: String) {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return;
+        };
+        let before = c.state;
+        let (next, action) = machine::conn_step(before, input);
+        c.state = next;
+        if !why.is_empty() {
+            c.why = why;
+        }
+        match (before, next) {
+            (ConnState::Handshaking, s) if s != ConnState::Handshaking => self.handshaking -= 1,
+            _ => {}
+        }
+        match (before, next) {
+            (ConnState::Joined | ConnState::Target, s)
+                if !matches!(s, ConnState::Joined | ConnState::Target) =>
+            {
+                self.joined -= 1
             }
-            Err(error) => {
-                error!("pause before handoff failed, not handing off: {error}");
-                (self.observer)(&SourceNotice::HandoffFailed { error });
+            (s, ConnState::Joined) if s != ConnState::Joined => self.joined += 1,
+            _ => {}
+        }
+        match action {
+            None => {}
+            Some(ConnAction::Welcome) => self.welcome(ops, idx),
+            Some(ConnAction::Reject) => {
+                let c = self.conns[idx].as_ref().expect("present");
+                warn!("backup {} rejected: {}", c.peer, c.why);
+                (self.observer)(&SourceNotice::BackupRejected {
+                    peer: c.peer,
+                    why: c.why.clone(),
+                });
             }
+            Some(ConnAction::Evict) => {
+                let why = self.conns[idx].as_ref().map(|c| c.why.clone()).unwrap_or_default();
+                let _ = self.write_frame(idx, &Frame::Evict { reason: why.clone() });
+                if let Some(c) = self.conns[idx].as_mut() {
+                    c.shutdown_after_flush = true;
+                    c.deadline = Some(Instant::now() + self.cfg.handshake_timeout);
+                }
+                self.flush(ops, idx);
+                self.arm_sweep();
+                let peer = self.conns[idx].as_ref().map_or(self.local_addr, |c| c.peer);
+                warn!("backup {peer} evicted: {why}");
+                (self.observer)(&SourceNotice::BackupEvicted { peer, why });
+            }
+            Some(ConnAction::Close) => {
+                let c = self.conns[idx].as_ref().expect("present");
+                let (peer, why) = (c.peer, c.why.clone());
+                match before {
+                    ConnState::Handshaking => {
+                        warn!("backup {peer} rejected: {why}");
+                        (self.observer)(&SourceNotice::BackupRejected { peer, why });
+                    }
+                    ConnState::Closing => {
+                        debug!("backup {peer} closed after being told to go");
+                        self.confirmed += 1;
+                    }
+                    _ => {
+                        warn!("backup {peer} lost: {why}");
+                        (self.observer)(&SourceNotice::BackupLost { peer, why });
+                    }
+                }
+            }
+            Some(ConnAction::ToHandoff) => {
+                let status = self.conns[idx].as_ref().map(|c| c.why.clone()).unwrap_or_default();
+                let input = match input {
+                    ConnInput::HandoffResult => match status.as_str() {
+                        "started" => Input::Result(HandoffStatus::Started),
+                        "failed" => Input::Result(HandoffStatus::Failed),
+                        _ => Input::Result(HandoffStatus::Uncertain),
+                    },
+                    _ => Input::TargetLost,
+                };
+                self.feed(ops, input);
+            }
+        }
+        if self.conns[idx].as_ref().is_some_and(|c| c.state == ConnState::Closed) {
+            self.remove(ops, idx);
+        }
+        self.check_drained();
+    }
+
+    fn remove(&mut self, ops: &mut EventOps, idx: usize) {
+        if let Some(c) = self.conns[idx].take() {
+            let _ = ops.remove(Events::empty(&c.sock));
+            self.free.push(idx);
         }
     }
 
-    fn broadcast_final(&mut self, frame: Frame) -> usize {
-        self.stopping = true;
-        let _ = self.heartbeat_timer.disarm();
-        let bytes = frame.encode();
-        let mut told = 0;
-        for conn in self.conns.iter().flatten() {
-            if conn.handshake_deadline.is_some() {
-                let _ = conn.sock.shutdown(Shutdown::Both);
-                continue;
-            }
-            // The link is otherwise idle (or carries 16-byte heartbeats), so the send buffer has
-            // room: a non-blocking write of a few bytes goes through whole.
-            match (&conn.sock).write(&bytes) {
-                Ok(n) if n == bytes.len() => told += 1,
-                Ok(n) => warn!("{} to {}: short write {n}", frame.name(), conn.peer),
-                Err(e) => warn!("{} to {}: {e}", frame.name(), conn.peer),
-            }
-            let _ = conn.sock.shutdown(Shutdown::Write);
+    /// After a stand-down: done once every told backup closed its side.
+    fn check_drained(&mut self) {
+        if self.state != State::StoodDown || self.told == usize::MAX {
+            return;
         }
-        info!("{} sent to {told} backup(s)", frame.name());
-        told
+        let waiting = self.indices(ConnState::Closing).count();
+        if waiting == 0 {
+            self.finish_stand_down();
+        }
+    }
+
+    fn finish_stand_down(&mut self) {
+        let (told, confirmed) = (self.told, self.confirmed);
+        // Reported once.
+        self.told = usize::MAX;
+        let _ = self.job_timer.disarm();
+        info!("stand-down complete: {confirmed} of {told} backup(s) confirmed");
+        (self.observer)(&SourceNotice::StoodDown { told, confirmed });
+    }
+
+    fn welcome(&mut self, ops: &mut EventOps, idx: usize) {
+        let frame = Frame::Welcome {
+            heartbeat: self.cfg.heartbeat,
+            node: self.cfg.node.clone(),
+        };
+        if let Err(e) = self.write_frame(idx, &frame) {
+            // The backup never saw WELCOME, so it never armed: closing is safe.
+            if let Some(c) = self.conns[idx].as_mut() {
+                c.why = format!("WELCOME could not be sent: {e}");
+            }
+            return self.conn_input(ops, idx, ConnInput::Failed, String::new());
+        }
+        self.flush(ops, idx);
+        let Some(c) = self.conns[idx].as_mut() else {
+            return;
+        };
+        c.deadline = None;
+        c.joined_at = Some(Instant::now());
+        c.keepalive = EffectiveKeepalive::read_from(&c.sock).ok();
+        info!("backup {} joined (pair {})", c.peer, self.cfg.pair_id);
+        (self.observer)(&SourceNotice::BackupJoined {
+            peer: c.peer,
+            keepalive: c.keepalive.as_ref(),
+            node: &c.node,
+        });
+        if self.joined == 1 && self.state == State::Serving {
+            if let Some(hb) = self.cfg.heartbeat {
+                let _ = self.heartbeat_timer.arm(hb, Some(hb));
+            }
+        }
     }
 
     fn accept_all(&mut self, ops: &mut EventOps) {
         loop {
-            let (sock, addr) = match self.listener.accept() {
-                Ok(x) => x,
+            match self.listener.accept() {
+                Ok((sock, addr)) => {
+                    let peer = addr.as_socket().unwrap_or(self.local_addr);
+                    self.admit(ops, sock, peer);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The peer gave up before we accepted: nothing to do.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // EMFILE and friends: log and leave the connection queued. The listener is
-                    // level-triggered, so while fds stay exhausted the loop keeps coming back here.
-                    error!("accept: {e}");
-                    return;
+                    let resources = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    );
+                    // Out of descriptors, a handshake that has not said HELLO yet is the cheapest
+                    // thing to give up: its descriptor goes to the connection that waits.
+                    if resources && self.evict_oldest_handshake(ops, "out of descriptors") {
+                        continue;
+                    }
+                    // Otherwise shed the waiting connection with the spare descriptor and stop
+                    // polling the listener for a while: a level-triggered listener whose accept
+                    // fails would make the loop spin.
+                    if resources {
+                        self.shed_one();
+                    }
+                    return self.pause_accept(ops, e);
                 }
-            };
-            let peer = addr.as_socket().unwrap_or(self.local_addr);
-            if self.stopping || self.conns.len() - self.free.len() >= self.cfg.max_backups {
-                warn!(
-                    "refusing backup {peer}: stopping or at the limit of {} backups",
-                    self.cfg.max_backups
-                );
-                continue;
-            }
-            if let Err(e) = self.setup(&sock) {
-                error!("backup {peer}: cannot set up socket: {e}");
-                continue;
-            }
-            let idx = self.free.pop().unwrap_or_else(|| {
-                self.conns.push(None);
-                self.conns.len() - 1
-            });
-            if let Err(e) = ops.add(Events::with_data(
-                &sock,
-                TOKEN_CONN_BASE + idx as u32,
-                EventSet::IN | EventSet::READ_HANG_UP,
-            )) {
-                error!("backup {peer}: cannot register: {e:?}");
-                self.free.push(idx);
-                continue;
-            }
-            debug!("backup {peer} connected, waiting for HELLO");
-            self.conns[idx] = Some(Conn {
-                sock,
-                peer,
-                reader: FrameReader::new(),
-                handshake_deadline: Some(Instant::now() + self.cfg.handshake_timeout),
-                keepalive: None,
-            });
-            self.handshaking += 1;
-            if self.handshaking == 1 {
-                let _ = self.sweep_timer.arm(self.cfg.handshake_timeout, None);
             }
         }
     }
 
-    fn setup(&self, sock: &Socket) -> io::Result<()> {
-        sock.set_nonblocking(true)?;
-        crate::tune_socket(sock, &self.cfg.keepalive)
+    fn shed_one(&mut self) {
+        if self.spare_fd.take().is_some() {
+            if let Ok((sock, _)) = self.listener.accept() {
+                drop(sock);
+            }
+            self.spare_fd = File::open("/dev/null").ok();
+        }
     }
 
-    /// Removes connection `idx` from the loop and reports why.
-    fn drop_conn(&mut self, ops: &mut EventOps, idx: usize, why: String) {
-        let Some(conn) = self.conns[idx].take() else {
+    fn pause_accept(&mut self, ops: &mut EventOps, e: io::Error) {
+        if self.listener_registered {
+            let _ = ops.remove(Events::new_raw(self.listener.as_raw_fd(), EventSet::IN));
+            self.listener_registered = false;
+        }
+        let _ = self.accept_timer.arm(ACCEPT_PAUSE, None);
+        self.accept_failures += 1;
+        let now = Instant::now();
+        if self
+            .accept_reported
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_REPORT_EVERY)
+        {
+            let count = std::mem::take(&mut self.accept_failures);
+            self.accept_reported = Some(now);
+            error!("accept: {e} ({count} failure(s)); pausing accept for {ACCEPT_PAUSE:?}");
+            (self.observer)(&SourceNotice::AcceptFailed {
+                error: e.to_string(),
+                count,
+            });
+        }
+    }
+
+    fn resume_accept(&mut self, ops: &mut EventOps) {
+        if self.accept_timer.expirations() == 0 || self.listener_registered {
             return;
-        };
-        let _ = ops.remove(Events::empty(&conn.sock));
-        self.free.push(idx);
-        if conn.handshake_deadline.is_some() {
-            self.handshaking -= 1;
-            warn!("backup {} rejected: {why}", conn.peer);
-            (self.observer)(&SourceNotice::BackupRejected {
-                peer: conn.peer,
-                why,
-            });
-        } else {
-            self.joined -= 1;
-            warn!("backup {} lost: {why}", conn.peer);
-            (self.observer)(&SourceNotice::BackupLost {
-                peer: conn.peer,
-                why,
-            });
+        }
+        match ops.add(Events::with_data_raw(
+            self.listener.as_raw_fd(),
+            TOKEN_LISTEN,
+            EventSet::IN,
+        )) {
+            Ok(()) => self.listener_registered = true,
+            Err(e) => {
+                error!("cannot re-register the listener: {e:?}");
+                let _ = self.accept_timer.arm(ACCEPT_PAUSE, None);
+            }
         }
     }
 
-    fn on_conn(&mut self, ops: &mut EventOps, idx: usize) {
-        let mut buf = [0u8; 256];
+    /// Refuses the oldest connection still in its handshake; `false` if there is none.
+    fn evict_oldest_handshake(&mut self, ops: &mut EventOps, why: &str) -> bool {
+        let oldest = self
+            .indices(ConnState::Handshaking)
+            .min_by_key(|&i| self.conns[i].as_ref().map(|c| c.accepted));
+        match oldest {
+            Some(i) => {
+                self.reject(ops, i, RejectCode::Busy, format!("refused: {why}"));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn admit(&mut self, ops: &mut EventOps, sock: Socket, peer: SocketAddr) {
+        if self.state.is_done() || self.state.handing_off() {
+            let _ = (&sock).write(
+                &Frame::Reject {
+                    code: RejectCode::Stopping,
+                    reason: "the source is stopping or handing off".into(),
+                }
+                .encode(),
+            );
+            return;
+        }
+        if self.joined >= self.cfg.max_backups {
+            let _ = (&sock).write(
+                &Frame::Reject {
+                    code: RejectCode::Busy,
+                    reason: format!("at the limit of {} backups", self.cfg.max_backups),
+                }
+                .encode(),
+            );
+            warn!("refusing backup {peer}: at the limit of {} backups", self.cfg.max_backups);
+            return;
+        }
+        if self.handshaking >= self.cfg.max_pending {
+            let limit = self.cfg.max_pending;
+            self.evict_oldest_handshake(ops, &format!("more than {limit} handshakes pending"));
+        }
+        if let Err(e) = sock
+            .set_nonblocking(true)
+            .and_then(|()| crate::tune_socket(&sock, &self.cfg.keepalive))
+        {
+            error!("backup {peer}: cannot set up socket: {e}");
+            return;
+        }
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        if let Err(e) = ops.add(Events::with_data(
+            &sock,
+            TOKEN_CONN_BASE + idx as u32,
+            EventSet::IN | EventSet::READ_HANG_UP,
+        )) {
+            error!("backup {peer}: cannot register: {e:?}");
+            self.free.push(idx);
+            return;
+        }
+        debug!("backup {peer} connected, waiting for HELLO");
+        let now = Instant::now();
+        self.conns[idx] = Some(Conn {
+            sock,
+            peer,
+            reader: FrameReader::new(),
+            state: ConnState::Handshaking,
+            deadline: Some(now + self.cfg.handshake_timeout),
+            accepted: now,
+            joined_at: None,
+            keepalive: None,
+            node: String::new(),
+            outbox: Vec::new(),
+            shutdown_after_flush: false,
+            slow: None,
+            why: String::new(),
+        });
+        self.handshaking += 1;
+        self.arm_sweep();
+        // A real backup's HELLO is usually queued already: read it now, so that a flood of
+        // connections accepted after it cannot push it out before it is seen.
+        self.on_conn(ops, idx, EventSet::IN);
+    }
+
+    fn on_conn(&mut self, ops: &mut EventOps, idx: usize, set: EventSet) {
+        if set.contains(EventSet::OUT) {
+            self.flush(ops, idx);
+        }
+        let mut buf = [0u8; 512];
         loop {
             let Some(conn) = self.conns.get_mut(idx).and_then(|c| c.as_mut()) else {
                 return;
             };
             match (&conn.sock).read(&mut buf) {
                 Ok(0) => {
-                    let why = if self.stopping {
-                        "closed after stop"
-                    } else {
-                        "EOF"
-                    };
-                    return self.drop_conn(ops, idx, why.to_string());
+                    return self.conn_input(ops, idx, ConnInput::Eof, "EOF".to_string());
                 }
                 Ok(n) => {
+                    if conn.state == ConnState::Closing {
+                        // Told to go: whatever it still says no longer matters.
+                        continue;
+                    }
                     conn.reader.push(&buf[..n]);
                     loop {
-                        let conn = self.conns[idx].as_mut().unwrap();
+                        let Some(conn) = self.conns[idx].as_mut() else {
+                            return;
+                        };
+                        if conn.state == ConnState::Closing {
+                            break;
+                        }
                         match conn.reader.next_frame() {
                             Ok(None) => break,
-                            Ok(Some(frame)) => {
-                                if let Err(e) = self.on_frame(idx, frame) {
-                                    self.reject(idx, &e);
-                                    return self.drop_conn(ops, idx, e.to_string());
-                                }
-                            }
+                            Ok(Some(frame)) => self.on_frame(ops, idx, frame),
                             Err(e) => {
-                                self.reject(idx, &e);
-                                return self.drop_conn(ops, idx, e.to_string());
+                                error!("protocol error from {}: {e}", conn.peer);
+                                self.on_protocol_error(ops, idx, &e);
                             }
                         }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return self.drop_conn(ops, idx, e.to_string()),
+                Err(e) => return self.conn_input(ops, idx, ConnInput::Failed, e.to_string()),
             }
         }
     }
 
-    /// Tells a handshaking peer why it is refused (best effort: it may be no backup at all).
-    fn reject(&self, idx: usize, e: &ProtocolError) {
-        if let Some(conn) = self.conns[idx].as_ref() {
-            error!("protocol error from {}: {e}", conn.peer);
-            if conn.handshake_deadline.is_some() {
-                let _ = (&conn.sock).write(
-                    &Frame::Reject {
-                        reason: e.to_string(),
-                    }
-                    .encode(),
-                );
-            }
+    fn on_protocol_error(&mut self, ops: &mut EventOps, idx: usize, e: &ProtocolError) {
+        let state = self.conns[idx].as_ref().map(|c| c.state);
+        match state {
+            Some(ConnState::Handshaking) => self.reject(ops, idx, e.reject_code(), e.to_string()),
+            Some(_) => self.conn_input(ops, idx, ConnInput::Unexpected, e.to_string()),
+            None => {}
         }
     }
 
-    fn on_frame(&mut self, idx: usize, frame: Frame) -> Result<(), ProtocolError> {
-        let conn = self.conns[idx].as_mut().unwrap();
-        match frame {
-            Frame::Hello { pair_id, auth_tag } if conn.handshake_deadline.is_some() => {
+    fn on_frame(&mut self, ops: &mut EventOps, idx: usize, frame: Frame) {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return;
+        };
+        match (c.state, frame) {
+            (ConnState::Handshaking, Frame::Hello { pair_id, node, auth_tag }) => {
                 if pair_id != self.cfg.pair_id {
-                    return Err(ProtocolError::PairIdMismatch {
-                        got: pair_id,
-                        want: self.cfg.pair_id.clone(),
-                    });
+                    let e = ProtocolError::PairIdMismatch { got: pair_id };
+                    return self.reject(ops, idx, e.reject_code(), e.to_string());
                 }
                 if !auth_tag.is_empty() {
-                    return Err(ProtocolError::BadPayload {
-                        kind: crate::protocol::Kind::Hello,
-                        why: "authentication tags are not supported by this source".into(),
-                    });
+                    let why = "authentication tags are not supported by this source".to_string();
+                    return self.reject(ops, idx, RejectCode::Malformed, why);
                 }
-                let welcome = Frame::Welcome {
-                    heartbeat: self.cfg.heartbeat,
-                }
-                .encode();
-                if (&conn.sock).write(&welcome).ok() != Some(welcome.len()) {
-                    return Err(ProtocolError::Unexpected("WELCOME", "could not be sent"));
-                }
-                conn.handshake_deadline = None;
-                conn.keepalive = EffectiveKeepalive::read_from(&conn.sock).ok();
-                self.handshaking -= 1;
-                self.joined += 1;
-                info!("backup {} joined (pair {})", conn.peer, self.cfg.pair_id);
-                (self.observer)(&SourceNotice::BackupJoined {
-                    peer: conn.peer,
-                    keepalive: conn.keepalive.as_ref(),
-                });
-                if self.joined == 1 {
-                    if let Some(hb) = self.cfg.heartbeat {
-                        if !self.stopping {
-                            let _ = self.heartbeat_timer.arm(hb, Some(hb));
-                        }
-                    }
-                }
-                Ok(())
+                c.node = node;
+                self.conn_input(ops, idx, ConnInput::HelloOk, String::new());
             }
-            f if conn.handshake_deadline.is_some() => Err(ProtocolError::Unexpected(
-                f.name(),
-                "during the handshake (expected HELLO)",
-            )),
-            f => Err(ProtocolError::Unexpected(f.name(), "from a joined backup")),
+            (ConnState::Target, Frame::HandoffResult { status, detail }) => {
+                let s = match status {
+                    protocol::HandoffStatus::Started => "started",
+                    protocol::HandoffStatus::Failed => "failed",
+                    protocol::HandoffStatus::Uncertain => "uncertain",
+                };
+                info!("backup {} reports its start: {s} {detail}", c.peer);
+                if status != protocol::HandoffStatus::Started {
+                    let stage = "backup-start";
+                    let error = if detail.is_empty() { s.to_string() } else { detail };
+                    self.note_failure(stage, error);
+                }
+                self.conn_input(ops, idx, ConnInput::HandoffResult, s.to_string());
+            }
+            (ConnState::Handshaking, f) => {
+                let e = ProtocolError::Unexpected(f.name(), "during the handshake (expected HELLO)");
+                self.reject(ops, idx, e.reject_code(), e.to_string());
+            }
+            (_, f) => {
+                let why = format!("unexpected {} from a joined backup", f.name());
+                self.conn_input(ops, idx, ConnInput::Unexpected, why);
+            }
         }
     }
 
-    fn on_heartbeat_tick(&mut self, ops: &mut EventOps) {
+    fn on_heartbeat_tick(&mut self) {
         // Expirations coalesce: a loop that was late sends one heartbeat, not a burst.
-        if self.heartbeat_timer.expirations() == 0 || self.stopping {
+        if self.heartbeat_timer.expirations() == 0 || self.state != State::Serving {
             return;
         }
         if self.joined == 0 {
@@ -484,25 +1108,66 @@ impl SourceListener {
         }
         self.seq += 1;
         let bytes = Frame::Heartbeat { seq: self.seq }.encode();
-        let mut dead = Vec::new();
-        for (idx, conn) in self.conns.iter().enumerate() {
-            let Some(conn) = conn else { continue };
-            if conn.handshake_deadline.is_some() {
+        let limit = self.cfg.slow_unsent;
+        let mut notices = Vec::new();
+        for c in self.conns.iter_mut().flatten() {
+            if c.state != ConnState::Joined {
                 continue;
             }
-            match (&conn.sock).write(&bytes) {
-                Ok(n) if n == bytes.len() => {}
-                // A full send buffer means the backup is not reading; skip this beat rather than
-                // buffer, and let TCP_USER_TIMEOUT decide whether the link is dead.
-                Ok(_) => dead.push((idx, "short heartbeat write".to_string())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    debug!("backup {}: send buffer full, heartbeat skipped", conn.peer)
+            // A backup that does not read gets no more heartbeats queued: there stays room for
+            // the final frame, and the kernel is kept from aborting a live peer.
+            let unsent = if c.outbox.is_empty() { unsent_bytes(&c.sock) } else { usize::MAX };
+            match (c.slow, unsent > limit) {
+                (None, true) => {
+                    c.slow = Some(1);
+                    // Since Linux 5.x TCP_USER_TIMEOUT also ends zero-window probing of a peer
+                    // that answers: lift it while this backup does not read.
+                    let _ = c.sock.set_tcp_user_timeout(None);
+                    notices.push(SourceNotice::BackupSlow { peer: c.peer, unsent });
+                    continue;
                 }
-                Err(e) => dead.push((idx, e.to_string())),
+                (Some(n), true) => {
+                    c.slow = Some(n + 1);
+                    continue;
+                }
+                (Some(skipped), false) => {
+                    c.slow = None;
+                    let ut = c.keepalive.and_then(|k| k.user_timeout);
+                    let _ = c.sock.set_tcp_user_timeout(ut);
+                    notices.push(SourceNotice::BackupCaughtUp { peer: c.peer, skipped });
+                }
+                (None, false) => {}
+            }
+            match (&c.sock).write(&bytes) {
+                Ok(n) if n == bytes.len() => {}
+                // A frame is never cut: the rest waits in the outbox (and further heartbeats are
+                // skipped until it is out).
+                Ok(n) => c.outbox.extend_from_slice(&bytes[n..]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The reading side sees the same error and reports it.
+                Err(e) => debug!("heartbeat to {}: {e}", c.peer),
             }
         }
-        for (idx, why) in dead {
-            self.drop_conn(ops, idx, why);
+        for n in &notices {
+            match n {
+                SourceNotice::BackupSlow { peer, unsent } => {
+                    warn!("backup {peer} does not read ({unsent} bytes unsent): heartbeats skipped")
+                }
+                SourceNotice::BackupCaughtUp { peer, skipped } => {
+                    info!("backup {peer} reads again ({skipped} heartbeats skipped)")
+                }
+                _ => {}
+            }
+            (self.observer)(n);
+        }
+    }
+
+    fn arm_sweep(&mut self) {
+        let next = self.conns.iter().flatten().filter_map(|c| c.deadline).min();
+        if let Some(d) = next {
+            let _ = self
+                .sweep_timer
+                .arm(d.saturating_duration_since(Instant::now()), None);
         }
     }
 
@@ -511,28 +1176,136 @@ impl SourceListener {
             return;
         }
         let now = Instant::now();
-        let mut next: Option<Instant> = None;
-        let mut stale = Vec::new();
-        for (idx, conn) in self.conns.iter().enumerate() {
-            if let Some(Conn {
-                handshake_deadline: Some(d),
-                ..
-            }) = conn
-            {
-                if *d <= now {
-                    stale.push(idx);
-                } else {
-                    next = Some(next.map_or(*d, |n| n.min(*d)));
+        let stale: Vec<(usize, ConnState)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                (c.deadline? <= now).then_some((i, c.state))
+            })
+            .collect();
+        let t = self.cfg.handshake_timeout;
+        for (idx, state) in stale {
+            match state {
+                ConnState::Handshaking => self.conn_input(
+                    ops,
+                    idx,
+                    ConnInput::HandshakeTimeout,
+                    format!("no HELLO within {t:?}"),
+                ),
+                // Told to go and still not closed: the frame went out long ago; close.
+                _ => {
+                    if let Some(c) = self.conns[idx].as_mut() {
+                        c.state = ConnState::Closed;
+                    }
+                    self.remove(ops, idx);
                 }
             }
         }
-        let t = self.cfg.handshake_timeout;
-        for idx in stale {
-            self.drop_conn(ops, idx, format!("no HELLO within {t:?}"));
+        self.check_drained();
+        self.arm_sweep();
+    }
+
+    fn on_job_timer(&mut self, ops: &mut EventOps) {
+        if self.job_timer.expirations() == 0 {
+            return;
         }
-        if let Some(n) = next {
-            let _ = self.sweep_timer.arm(n - now, None);
+        match self.state {
+            State::Pausing => {
+                let t = self.cfg.pause_timeout;
+                self.note_failure("pause", format!("the pause hook did not return within {t:?}"));
+                self.feed(ops, Input::PauseTimeout)
+            }
+            State::AwaitingBackup => {
+                let t = self.cfg.handoff_timeout;
+                self.note_failure("backup-start", format!("no result from the backup within {t:?}"));
+                self.feed(ops, Input::ResultTimeout)
+            }
+            State::Resuming => {
+                self.resumed = false;
+                let t = self.cfg.pause_timeout;
+                self.note_failure("resume", format!("the resume hook did not return within {t:?}"));
+                self.feed(ops, Input::ResumeFailed)
+            }
+            State::StoodDown if self.told != usize::MAX => self.finish_stand_down(),
+            _ => {}
         }
+    }
+
+    fn on_mailbox(&mut self, ops: &mut EventOps) {
+        for msg in self.mailbox.drain() {
+            match msg {
+                Msg::StandDown => self.feed(ops, Input::StandDownRequested),
+                Msg::Handoff => {
+                    let joined = self.joined;
+                    self.feed(ops, Input::HandoffRequested { joined });
+                }
+                // A result that comes after its deadline finds the machine elsewhere: ignored.
+                Msg::Paused((r, took)) if self.state == State::Pausing => {
+                    let _ = self.job_timer.disarm();
+                    match r.and_then(|x| x) {
+                        Ok(()) => {
+                            info!("guest paused in {took:?}");
+                            (self.observer)(&SourceNotice::HandoffPaused);
+                            let joined = self.joined;
+                            self.feed(ops, Input::Paused { joined });
+                            if self.state == State::Resuming {
+                                self.note_failure("pause", "every backup left during the pause".into());
+                            }
+                        }
+                        Err(e) => {
+                            self.note_failure("pause", e);
+                            self.feed(ops, Input::PauseFailed);
+                        }
+                    }
+                }
+                Msg::Resumed((r, _)) if self.state == State::Resuming => {
+                    let _ = self.job_timer.disarm();
+                    match r.and_then(|x| x) {
+                        Ok(()) => {
+                            self.resumed = true;
+                            self.feed(ops, Input::Resumed);
+                        }
+                        Err(e) => {
+                            self.resumed = false;
+                            self.note_failure("resume", e);
+                            self.feed(ops, Input::ResumeFailed);
+                        }
+                    }
+                }
+                Msg::Paused(_) | Msg::Resumed(_) => debug!("late hook result ignored"),
+            }
+        }
+    }
+}
+
+/// Writes the outbox; an error means the connection is dead (its reader reports it).
+fn write_out(c: &mut Conn) -> io::Result<()> {
+    while !c.outbox.is_empty() {
+        match (&c.sock).write(&c.outbox) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => {
+                c.outbox.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes written to `sock` that the kernel has not sent yet (`SIOCOUTQNSD`): above zero only while
+/// the peer's window is closed, i.e. while the backup does not read.
+fn unsent_bytes(sock: &Socket) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int through the pointer.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCOUTQNSD, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
     }
 }
 
@@ -542,10 +1315,14 @@ impl MutEventSubscriber for SourceListener {
             (self.listener.as_raw_fd(), TOKEN_LISTEN),
             (self.heartbeat_timer.as_raw_fd(), TOKEN_HEARTBEAT),
             (self.sweep_timer.as_raw_fd(), TOKEN_SWEEP),
-            (self.handoff_done.as_raw_fd(), TOKEN_HANDOFF),
+            (self.mailbox.as_raw_fd(), TOKEN_MAILBOX),
+            (self.job_timer.as_raw_fd(), TOKEN_JOB),
+            (self.accept_timer.as_raw_fd(), TOKEN_ACCEPT),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
                 error!("cannot register source fd {fd}: {e:?}");
+            } else if token == TOKEN_LISTEN {
+                self.listener_registered = true;
             }
         }
         info!(
@@ -557,10 +1334,14 @@ impl MutEventSubscriber for SourceListener {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_LISTEN => self.accept_all(ops),
-            TOKEN_HEARTBEAT => self.on_heartbeat_tick(ops),
+            TOKEN_HEARTBEAT => self.on_heartbeat_tick(),
             TOKEN_SWEEP => self.on_sweep(ops),
-            TOKEN_HANDOFF => self.on_handoff_done(),
-            t if t >= TOKEN_CONN_BASE => self.on_conn(ops, (t - TOKEN_CONN_BASE) as usize),
+            TOKEN_MAILBOX => self.on_mailbox(ops),
+            TOKEN_JOB => self.on_job_timer(ops),
+            TOKEN_ACCEPT => self.resume_accept(ops),
+            t if t >= TOKEN_CONN_BASE => {
+                self.on_conn(ops, (t - TOKEN_CONN_BASE) as usize, events.event_set())
+            }
             t => warn!("source: event for unknown token {t}"),
         }
     }
