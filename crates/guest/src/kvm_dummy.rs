@@ -191,6 +191,12 @@ fn vcpu_loop(mut ctx: VcpuContext, gate: Arc<Gate>) {
     let _finish = WorkerGuard(gate.clone());
     let mut counter = WideCounter::default();
     while gate.wait_runnable() {
+        // The run deadline (split-brain guard), as close to the entry as possible: checked before
+        // every KVM_RUN, also after an EINTR, so a process continued after SIGSTOP past its
+        // deadline never enters the guest again. See `GuestControl::set_run_deadline`.
+        if !gate.may_enter() {
+            continue;
+        }
         let outcome = match ctx.vcpu.run() {
             Ok(VcpuExit::IoOut(COUNTER_PORT, data)) if data.len() == 4 => {
                 Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
