@@ -378,7 +378,8 @@ impl CommandHook {
         self
     }
 
-    /// Runs the command with `env` (after removing any inherited `VMM_TAKEOVER_*` values).
+    /// Runs the command with `env` (after removing any inherited `VMM_TAKEOVER_*` values), bounded
+    /// by the timeout and abortable through the abort handle.
     pub fn run(&mut self, env: &[(&str, String)]) -> Result<(), CommandError> {
         let cmd = self.cmd.clone();
         self.run_cmd(&cmd, env)

@@ -206,8 +206,11 @@ impl Gate {
             return true;
         }
         st.want_run = false;
-        if !st.fenced {
-            st.fenced = true;
+        let newly = !std::mem::replace(&mut st.fenced, true);
+        self.cv.notify_all();
+        drop(st);
+        // Logged without the lock: a slow log sink must not stall the controller.
+        if newly {
             log::warn!(
                 "guest fenced: run deadline passed {:?} ago; the worker will not enter the guest \
                  again (counter frozen at {})",
@@ -215,7 +218,6 @@ impl Gate {
                 self.counter()
             );
         }
-        self.cv.notify_all();
         false
     }
 
