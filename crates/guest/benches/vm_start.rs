@@ -22,6 +22,10 @@ use vmm_takeover_core::{TakeoverReason, TakeoverRecord, VmStart};
 use vmm_takeover_guest::qemu::find_qemu;
 use vmm_takeover_guest::{DummyVm, QemuProcess, QmpClient, QmpVm};
 
+// The tests' `skip`: one rule for the whole crate (prints SKIPPED, fails when CI=true).
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long each fresh QEMU may settle before it is measured.
 const QEMU_SETTLE: Duration = Duration::from_millis(300);
@@ -116,6 +120,7 @@ fn bench_dummy(n: usize) -> Vec<Row> {
     let resume = "kvm-dummy: resume after pause -> first exit";
     if let Err(e) = DummyVm::probe() {
         let why = e.to_string();
+        common::skip(format!("kvm-dummy rows: {why}"));
         return [first_exit, call, resume]
             .into_iter()
             .map(|name| Row::Skipped {
@@ -181,6 +186,7 @@ fn bench_qemu(n: usize) -> Vec<Row> {
             .map(|e| format!("QEMU needs KVM here: {e}"))
     };
     if let Some(why) = why {
+        common::skip(format!("qemu rows: {why}"));
         return vec![
             Row::Skipped {
                 name: hook.into(),

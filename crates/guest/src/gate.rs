@@ -6,6 +6,9 @@
 //! step whether it may run; the controller (`start`/`pause`/drop) flips the gate and waits for the
 //! worker to acknowledge. One mutex + one condvar carry every transition, so there are no lost
 //! wake-ups and `pause` can return only once the worker has actually parked.
+//!
+//! The *run deadline* is the exception: the worker reads it without the lock, right before every
+//! entry into the guest (see [`GuestControl::set_run_deadline`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -26,6 +29,58 @@ pub enum GuestStateError {
     /// `start` released the worker but no guest exit arrived within the bound.
     #[error("no guest exit arrived within {0:?} after start")]
     StartTimeout(Duration),
+    /// The run deadline has passed (or `fence` was called): the guest may not run.
+    #[error(
+        "the guest is fenced: its run deadline passed {overdue:?} ago (or fence() was called); \
+         it may not run until set_run_deadline clears the deadline or moves it past now"
+    )]
+    Fenced {
+        /// How long ago the deadline passed.
+        overdue: Duration,
+    },
+}
+
+/// `deadline_ns` value meaning "no run deadline".
+const NO_DEADLINE: u64 = u64::MAX;
+
+/// Nanoseconds of `CLOCK_BOOTTIME`: monotonic, and unlike `Instant` (`CLOCK_MONOTONIC`) it keeps
+/// counting while the host is suspended, as the arbiter's lease does. Read through the vDSO: no
+/// system call.
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; CLOCK_BOOTTIME exists on every Linux this crate runs on.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// `deadline` as `CLOCK_BOOTTIME` nanoseconds (never [`NO_DEADLINE`]).
+fn to_boottime_ns(deadline: Instant) -> u64 {
+    let (now, now_ns) = (Instant::now(), boottime_ns());
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    if deadline >= now {
+        now_ns
+            .saturating_add(ns(deadline - now))
+            .min(NO_DEADLINE - 1)
+    } else {
+        now_ns.saturating_sub(ns(now - deadline))
+    }
+}
+
+/// A `CLOCK_BOOTTIME` deadline back as an `Instant` (as seen now: a suspend since it was set
+/// moves it earlier).
+fn from_boottime_ns(deadline_ns: u64) -> Instant {
+    let (now, now_ns) = (Instant::now(), boottime_ns());
+    if deadline_ns >= now_ns {
+        now + Duration::from_nanos(deadline_ns - now_ns)
+    } else {
+        now.checked_sub(Duration::from_nanos(now_ns - deadline_ns))
+            .unwrap_or(now)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -48,15 +103,33 @@ struct GateState {
     starts: u64,
     /// Threads blocked in `wait_for_counter`: only then does a step pay for a wake-up syscall.
     counter_waiters: usize,
+    /// The guest was fenced (deadline passed or `fence`) and the deadline was not moved since.
+    fenced: bool,
 }
 
 /// The shared run/park gate. Lives in an `Arc` shared by the controller and the worker thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Gate {
     state: Mutex<GateState>,
     cv: Condvar,
     counter: AtomicU64,
     exits: AtomicU64,
+    /// The run deadline in `CLOCK_BOOTTIME` nanoseconds, or [`NO_DEADLINE`]. Written under the
+    /// state lock (so the worker's re-check under that lock sees a consistent value), read
+    /// without it on the worker's hot path.
+    deadline_ns: AtomicU64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            state: Mutex::default(),
+            cv: Condvar::new(),
+            counter: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
+            deadline_ns: AtomicU64::new(NO_DEADLINE),
+        }
+    }
 }
 
 impl Gate {
@@ -107,6 +180,47 @@ impl Gate {
         }
     }
 
+    /// Whether the worker may enter the guest now; called right before every entry (every
+    /// `KVM_RUN`). Past the run deadline it fences the guest (parks it as paused, refuses `start`)
+    /// and returns `false`: the worker must go back to `wait_runnable` without entering.
+    ///
+    /// Hot-path cost: one acquire load when no deadline is set; with one, also a vDSO clock read
+    /// and an integer comparison. No lock, no system call.
+    #[inline]
+    pub(crate) fn may_enter(&self) -> bool {
+        let deadline = self.deadline_ns.load(Ordering::Acquire);
+        if deadline == NO_DEADLINE || boottime_ns() < deadline {
+            return true;
+        }
+        self.fence_at_deadline()
+    }
+
+    /// The slow path of [`may_enter`](Self::may_enter): re-checks under the lock (the deadline
+    /// may have just been moved) and fences.
+    #[cold]
+    fn fence_at_deadline(&self) -> bool {
+        let mut st = self.lock();
+        let deadline = self.deadline_ns.load(Ordering::Acquire);
+        let now = boottime_ns();
+        if deadline == NO_DEADLINE || now < deadline {
+            return true;
+        }
+        st.want_run = false;
+        let newly = !std::mem::replace(&mut st.fenced, true);
+        self.cv.notify_all();
+        drop(st);
+        // Logged without the lock: a slow log sink must not stall the controller.
+        if newly {
+            log::warn!(
+                "guest fenced: run deadline passed {:?} ago; the worker will not enter the guest \
+                 again (counter frozen at {})",
+                Duration::from_nanos(now - deadline),
+                self.counter()
+            );
+        }
+        false
+    }
+
     /// Records one completed step (a guest exit) and the counter value it produced.
     pub(crate) fn record_exit(&self, counter: u64) {
         let mut st = self.lock();
@@ -153,6 +267,12 @@ impl Gate {
         if st.worker_done || st.shutdown {
             return Err(GuestStateError::Stopped);
         }
+        if let Some(overdue) = self.overdue() {
+            st.fenced = true;
+            st.want_run = false;
+            self.cv.notify_all();
+            return Err(GuestStateError::Fenced { overdue });
+        }
         if st.want_run {
             return Ok(false);
         }
@@ -178,6 +298,11 @@ impl Gate {
             if st.worker_done {
                 return Err(GuestStateError::Stopped);
             }
+            if st.fenced {
+                return Err(GuestStateError::Fenced {
+                    overdue: self.overdue().unwrap_or_default(),
+                });
+            }
             let (g, timed_out) = self.wait_until(st, deadline);
             st = g;
             if timed_out && st.first_exit_after_start.is_none() {
@@ -188,8 +313,22 @@ impl Gate {
 
     /// Asks the worker to park and waits until it has. `Ok(true)` if it was running.
     pub(crate) fn pause(&self, timeout: Duration) -> Result<bool, GuestStateError> {
+        self.park(timeout, false)
+    }
+
+    /// Moves the run deadline to now (so `start` is refused), then parks the worker like
+    /// `pause`. `Ok(true)` if it was running.
+    pub(crate) fn fence(&self, timeout: Duration) -> Result<bool, GuestStateError> {
+        self.park(timeout, true)
+    }
+
+    fn park(&self, timeout: Duration, fence: bool) -> Result<bool, GuestStateError> {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
+        if fence {
+            self.deadline_ns.store(boottime_ns(), Ordering::Release);
+            st.fenced = true;
+        }
         let was_running = st.want_run;
         st.want_run = false;
         self.cv.notify_all();
@@ -220,7 +359,7 @@ impl Gate {
             if self.counter() >= min {
                 break true;
             }
-            if st.worker_done {
+            if st.worker_done || st.fenced {
                 break false;
             }
             let (g, timed_out) = self.wait_until(st, deadline);
@@ -233,7 +372,54 @@ impl Gate {
         reached
     }
 
+    /// Sets (or clears) the run deadline. Clearing it, or moving it past now, also lifts a fence
+    /// (the guest stays paused until the next `start`); a deadline already passed fences the
+    /// guest at its next entry.
+    pub(crate) fn set_run_deadline(&self, deadline: Option<Instant>) {
+        let mut st = self.lock();
+        let ns = deadline.map_or(NO_DEADLINE, to_boottime_ns);
+        self.deadline_ns.store(ns, Ordering::Release);
+        if ns == NO_DEADLINE || boottime_ns() < ns {
+            st.fenced = false;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until the guest is fenced; `false` on timeout.
+    pub(crate) fn wait_fenced(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            if st.fenced {
+                return true;
+            }
+            let (g, timed_out) = self.wait_until(st, deadline);
+            st = g;
+            if timed_out {
+                return st.fenced;
+            }
+        }
+    }
+
     // ---- readers ----
+
+    /// How long ago the run deadline passed, or `None` if it has not (or there is none).
+    fn overdue(&self) -> Option<Duration> {
+        let deadline = self.deadline_ns.load(Ordering::Acquire);
+        let now = boottime_ns();
+        (deadline != NO_DEADLINE && now >= deadline).then(|| Duration::from_nanos(now - deadline))
+    }
+
+    pub(crate) fn run_deadline(&self) -> Option<Instant> {
+        match self.deadline_ns.load(Ordering::Acquire) {
+            NO_DEADLINE => None,
+            ns => Some(from_boottime_ns(ns)),
+        }
+    }
+
+    pub(crate) fn fenced(&self) -> bool {
+        self.lock().fenced
+    }
 
     pub(crate) fn counter(&self) -> u64 {
         self.counter.load(Ordering::Acquire)
@@ -315,6 +501,7 @@ impl std::fmt::Debug for GuestControl {
             .field("counter", &self.counter())
             .field("exits", &self.exits())
             .field("running", &self.is_running())
+            .field("fenced", &self.fenced())
             .finish()
     }
 }
@@ -408,7 +595,8 @@ impl GuestControl {
         self.gate().wait_first_exit(timeout)
     }
 
-    /// Waits (without polling) until the counter is at least `min`; `false` on timeout.
+    /// Waits (without polling) until the counter is at least `min`; `false` on timeout, when the
+    /// worker is gone, or as soon as the guest is fenced (its counter is then frozen).
     pub fn wait_for_counter(&self, min: u64, timeout: Duration) -> bool {
         self.gate().wait_for_counter(min, timeout)
     }
@@ -416,6 +604,67 @@ impl GuestControl {
     /// Why the worker stopped, if the guest failed.
     pub fn failure(&self) -> Option<String> {
         self.gate().failure()
+    }
+
+    /// Sets the *run deadline*: past it, the worker does not enter the guest again. The vCPU
+    /// thread itself checks it right before every entry (every `KVM_RUN`; for the dummy guest,
+    /// between every two counter increments); once past, it parks the guest as paused, marks it
+    /// [`fenced`](Self::fenced), and the counter stays frozen. `start` (and `vm_start`,
+    /// `vm_resume`) then fail with [`GuestStateError::Fenced`].
+    ///
+    /// Why on the vCPU thread: a process stopped past its lease (SIGSTOP, a long page-in) and then
+    /// continued wakes its vCPU threads at the same instant as its event loop, so a check on the
+    /// loop comes too late; the guest itself must not run past the lease.
+    ///
+    /// `None` clears the deadline. Clearing it or moving it past now lifts a fence, but does not
+    /// restart the guest: call `start` for that. A change takes effect at the next entry (a step
+    /// already entered completes). The deadline is kept on `CLOCK_BOOTTIME`, which, unlike
+    /// `Instant`, also counts time the host spent suspended.
+    ///
+    /// Limits: a process stopped between the check and the entry runs one more step when it is
+    /// continued (for the dummy guest: one increment). A real guest can run long without exiting,
+    /// so a real VMM also needs a timer that kicks its vCPUs out at the deadline.
+    pub fn set_run_deadline(&self, deadline: Option<Instant>) {
+        self.gate().set_run_deadline(deadline);
+        match deadline {
+            Some(d) => log::debug!(
+                "{}: run deadline in {:?}",
+                self.kind(),
+                d.saturating_duration_since(Instant::now())
+            ),
+            None => log::debug!("{}: run deadline cleared", self.kind()),
+        }
+    }
+
+    /// The run deadline, if one is set (a deadline set before a host suspend shows earlier).
+    pub fn run_deadline(&self) -> Option<Instant> {
+        self.gate().run_deadline()
+    }
+
+    /// Fences the guest now: moves the run deadline to now and parks the worker like
+    /// [`pause`](Self::pause) (returns once it has parked; `Ok(true)` if it was running). Until
+    /// [`set_run_deadline`](Self::set_run_deadline) clears the deadline or moves it past now,
+    /// `start` fails with [`GuestStateError::Fenced`].
+    pub fn fence(&self) -> Result<bool, GuestStateError> {
+        let was_running = self.gate().fence(DEFAULT_PAUSE_TIMEOUT)?;
+        log::warn!(
+            "{}: guest fenced at counter {}",
+            self.kind(),
+            self.counter()
+        );
+        Ok(was_running)
+    }
+
+    /// Whether the guest is fenced: its worker refused to enter it past the run deadline, or
+    /// `start` was refused for that reason, or [`fence`](Self::fence) was called, and the
+    /// deadline has not been cleared or moved past now since.
+    pub fn fenced(&self) -> bool {
+        self.gate().fenced()
+    }
+
+    /// Waits (without polling) until the guest is fenced; `false` on timeout.
+    pub fn wait_fenced(&self, timeout: Duration) -> bool {
+        self.gate().wait_fenced(timeout)
     }
 }
 
@@ -442,12 +691,22 @@ impl vmm_takeover_core::VmPause for GuestControl {
         Ok(())
     }
 
+    /// Releases the guest again and returns once its first exit proves that it runs (as
+    /// `vm_start`). A fenced guest is refused.
+    fn vm_resume(&mut self) -> Result<(), vmm_takeover_core::HookError> {
+        log::debug!("{}: vm_resume", self.kind());
+        self.start()?;
+        self.wait_first_exit(DEFAULT_START_TIMEOUT)?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         self.kind().to_string()
     }
 }
 
-/// Implements `Deref<Target = GuestControl>`, `VmStart` and `VmPause` for a guest type that wraps
+/// Implements `Deref<Target = GuestControl>`, `VmStart` and `VmPause` (with `vm_resume`) for a
+/// guest type that wraps
 /// a `GuestControl` in its field `0`.
 macro_rules! guest_control {
     ($ty:ty) => {
@@ -476,6 +735,10 @@ macro_rules! guest_control {
                 self.0.vm_pause()
             }
 
+            fn vm_resume(&mut self) -> Result<(), vmm_takeover_core::HookError> {
+                self.0.vm_resume()
+            }
+
             fn describe(&self) -> String {
                 vmm_takeover_core::VmPause::describe(&self.0)
             }
@@ -483,3 +746,45 @@ macro_rules! guest_control {
     };
 }
 pub(crate) use guest_control;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_survives_the_round_trip_through_boottime() {
+        let now = Instant::now();
+        for offset in [
+            Duration::ZERO,
+            Duration::from_millis(200),
+            Duration::from_secs(3600),
+        ] {
+            let back = from_boottime_ns(to_boottime_ns(now + offset));
+            let error = back
+                .saturating_duration_since(now + offset)
+                .max((now + offset).saturating_duration_since(back));
+            // Two clock reads per conversion: microseconds at most.
+            assert!(
+                error < Duration::from_millis(1),
+                "{offset:?}: off by {error:?}"
+            );
+        }
+        let past = to_boottime_ns(now - Duration::from_millis(5));
+        assert!(past < boottime_ns());
+    }
+
+    #[test]
+    fn far_deadlines_never_mean_no_deadline() {
+        // More nanoseconds than a u64 holds.
+        let far = Instant::now() + Duration::from_secs(u64::MAX / 1_000_000_000 + 1);
+        assert_eq!(to_boottime_ns(far), NO_DEADLINE - 1);
+    }
+
+    #[test]
+    fn fresh_gate_has_no_deadline() {
+        let gate = Gate::default();
+        assert!(gate.may_enter());
+        assert_eq!(gate.run_deadline(), None);
+        assert!(!gate.fenced());
+    }
+}

@@ -29,6 +29,10 @@ const GUEST_CODE_ADDR: u64 = 0x1000;
 const GUEST_MEM_SIZE: usize = 0x1000;
 /// Where KVM may put the real-mode TSS (needed by Intel CPUs without "unrestricted guest").
 const TSS_ADDR: usize = 0xfffb_d000;
+/// KVM's real-mode TSS takes three pages from `TSS_ADDR`.
+const TSS_SIZE: u64 = 3 * 0x1000;
+/// With CS base 0 and a 16-bit IP, real-mode code must lie below 64 KiB.
+const REAL_MODE_IP_LIMIT: u64 = 0x1_0000;
 
 /// The guest program (16-bit real mode):
 ///
@@ -91,6 +95,33 @@ pub enum KvmDummyError {
         #[source]
         source: errno::Error,
     },
+    /// A guest address computation does not fit in 64 bits.
+    #[error(
+        "guest address overflow: {what} at {base:#x} + {len:#x} bytes does not fit in 64 bits"
+    )]
+    AddressOverflow {
+        /// What was being placed.
+        what: &'static str,
+        /// Its guest-physical start.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The guest layout is inconsistent (a constant of this module is wrong).
+    #[error("invalid guest layout: {0}")]
+    BadLayout(&'static str),
+    /// A write into guest memory would end outside it.
+    #[error(
+        "cannot write {len} bytes at offset {offset:#x} of guest memory: it holds {size:#x} bytes"
+    )]
+    OutOfGuestMemory {
+        /// Where the write starts.
+        offset: usize,
+        /// How many bytes.
+        len: usize,
+        /// The size of the guest memory.
+        size: usize,
+    },
     /// The guest memory could not be mapped.
     #[error("cannot map {GUEST_MEM_SIZE} bytes of guest memory: {0}")]
     GuestMemory(#[source] std::io::Error),
@@ -138,12 +169,18 @@ impl GuestMemory {
         Ok(GuestMemory { ptr, len })
     }
 
-    fn write(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(
-            offset + bytes.len() <= self.len,
-            "write outside guest memory"
-        );
-        // SAFETY: bounds checked above; the mapping is valid and writable for `len` bytes.
+    fn write(&mut self, offset: usize, bytes: &[u8]) -> Result<(), KvmDummyError> {
+        let out_of_bounds = || KvmDummyError::OutOfGuestMemory {
+            offset,
+            len: bytes.len(),
+            size: self.len,
+        };
+        let end = offset.checked_add(bytes.len()).ok_or_else(out_of_bounds)?;
+        if end > self.len {
+            return Err(out_of_bounds());
+        }
+        // SAFETY: `offset..end` lies within the mapping (checked above, without overflow); the
+        // mapping is valid and writable for `len` bytes.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -151,6 +188,7 @@ impl GuestMemory {
                 bytes.len(),
             )
         };
+        Ok(())
     }
 }
 
@@ -191,6 +229,12 @@ fn vcpu_loop(mut ctx: VcpuContext, gate: Arc<Gate>) {
     let _finish = WorkerGuard(gate.clone());
     let mut counter = WideCounter::default();
     while gate.wait_runnable() {
+        // The run deadline (split-brain guard), as close to the entry as possible: checked before
+        // every KVM_RUN, also after an EINTR, so a process continued after SIGSTOP past its
+        // deadline never enters the guest again. See `GuestControl::set_run_deadline`.
+        if !gate.may_enter() {
+            continue;
+        }
         let outcome = match ctx.vcpu.run() {
             Ok(VcpuExit::IoOut(COUNTER_PORT, data)) if data.len() == 4 => {
                 Ok(u32::from_le_bytes([data[0], data[1], data[2], data[3]]))
@@ -230,7 +274,45 @@ fn open_kvm() -> Result<Kvm, KvmDummyError> {
     }
 }
 
+/// `base + len`, or [`KvmDummyError::AddressOverflow`] naming `what`.
+fn end_of(what: &'static str, base: u64, len: u64) -> Result<u64, KvmDummyError> {
+    base.checked_add(len)
+        .ok_or(KvmDummyError::AddressOverflow { what, base, len })
+}
+
+/// Checks the guest layout (all of it with checked arithmetic) and returns the entry point.
+fn check_layout(code_addr: u64, mem_size: u64, code_len: u64) -> Result<u64, KvmDummyError> {
+    let slot_end = end_of("the memory slot", code_addr, mem_size)?;
+    let code_end = end_of("the guest code", code_addr, code_len)?;
+    if code_end > slot_end {
+        return Err(KvmDummyError::BadLayout(
+            "the guest code does not fit in the memory slot",
+        ));
+    }
+    if code_end > REAL_MODE_IP_LIMIT {
+        return Err(KvmDummyError::BadLayout(
+            "the guest code must end below 64 KiB (real mode with CS base 0 reaches no further)",
+        ));
+    }
+    let tss_start = TSS_ADDR as u64;
+    let tss_end = end_of("the real-mode TSS", tss_start, TSS_SIZE)?;
+    if code_addr < tss_end && tss_start < slot_end {
+        return Err(KvmDummyError::BadLayout(
+            "the memory slot overlaps the real-mode TSS",
+        ));
+    }
+    // The code starts at the start of the slot.
+    Ok(code_addr)
+}
+
 fn setup() -> Result<VcpuContext, KvmDummyError> {
+    let mem_size = GUEST_MEM_SIZE as u64;
+    let entry = check_layout(GUEST_CODE_ADDR, mem_size, GUEST_CODE.len() as u64)?;
+    // Created first so that it is dropped last: on every early return below, as in
+    // `VcpuContext`, the vCPU and VM fds are closed before the memory they map is unmapped
+    // (locals drop in reverse order).
+    let mut mem = GuestMemory::new(GUEST_MEM_SIZE)?;
+    mem.write(0, &GUEST_CODE)?;
     let kvm = open_kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     // Intel CPUs without "unrestricted guest" emulate real mode through vm86 and need a TSS;
@@ -238,12 +320,10 @@ fn setup() -> Result<VcpuContext, KvmDummyError> {
     vm.set_tss_address(TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
 
-    let mut mem = GuestMemory::new(GUEST_MEM_SIZE)?;
-    mem.write(0, &GUEST_CODE);
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: GUEST_CODE_ADDR,
-        memory_size: GUEST_MEM_SIZE as u64,
+        memory_size: mem_size,
         userspace_addr: mem.ptr.as_ptr() as u64,
         flags: 0,
     };
@@ -258,7 +338,7 @@ fn setup() -> Result<VcpuContext, KvmDummyError> {
     sregs.cs.selector = 0;
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-    regs.rip = GUEST_CODE_ADDR;
+    regs.rip = entry;
     regs.rax = 0;
     regs.rflags = 2; // bit 1 is reserved and must be set
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -311,6 +391,56 @@ mod tests {
         assert_eq!(c.update(u32::MAX), u64::from(u32::MAX));
         assert_eq!(c.update(0), 1 << 32);
         assert_eq!(c.update(5), (1 << 32) + 5);
+    }
+
+    #[test]
+    fn layout_is_checked_without_overflow() {
+        assert_eq!(
+            check_layout(
+                GUEST_CODE_ADDR,
+                GUEST_MEM_SIZE as u64,
+                GUEST_CODE.len() as u64
+            )
+            .unwrap(),
+            GUEST_CODE_ADDR
+        );
+        let err = check_layout(u64::MAX - 0xfff, 0x1000, 9).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KvmDummyError::AddressOverflow {
+                    what: "the memory slot",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("does not fit in 64 bits"), "{err}");
+        assert!(matches!(
+            check_layout(0x1000, 8, 9),
+            Err(KvmDummyError::BadLayout(_))
+        ));
+        assert!(matches!(
+            check_layout(0xf000, 0x2000, 0x1001),
+            Err(KvmDummyError::BadLayout(_))
+        ));
+        assert!(matches!(
+            check_layout(TSS_ADDR as u64 - 0x1000, 0x2000, 9),
+            Err(KvmDummyError::BadLayout(_))
+        ));
+    }
+
+    #[test]
+    fn writes_outside_guest_memory_are_errors() {
+        let mut mem = GuestMemory::new(0x1000).unwrap();
+        mem.write(0x1000 - 9, &GUEST_CODE).unwrap();
+        for offset in [0x1000 - 8, 0x1000, usize::MAX - 4] {
+            let err = mem.write(offset, &GUEST_CODE).unwrap_err();
+            assert!(
+                matches!(err, KvmDummyError::OutOfGuestMemory { len: 9, .. }),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]

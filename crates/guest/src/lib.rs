@@ -10,8 +10,11 @@
 //! - [`QemuProcess`] (`qemu`): a paused, empty QEMU/KVM guest with a QMP socket, for tests,
 //!   benchmarks and demos.
 //!
-//! All of them implement [`vmm_takeover_core::VmStart`] and [`vmm_takeover_core::VmPause`], are
-//! safe to call twice, and return only once the guest is known to run (or to be paused).
+//! The hooks implement [`vmm_takeover_core::VmStart`] and [`vmm_takeover_core::VmPause`]
+//! (including `vm_resume`; [`CommandHook`] only with a resume command), are safe to call twice, and return only once the guest is known to run
+//! (or to be paused). [`CommandHook`] and [`QmpVm`] are bounded by a timeout and hand out an
+//! [`vmm_takeover_core::AbortHandle`]; the standby guests can be given a run deadline that their
+//! vCPU thread enforces itself ([`GuestControl::set_run_deadline`]).
 #![deny(missing_docs)]
 
 pub mod command;

@@ -7,19 +7,29 @@
 //! `{"event": ...}` lines may arrive at any time and are skipped here.
 //!
 //! QEMU serves one QMP client per monitor at a time, so [`QmpVm`] connects for each call and hangs
-//! up after it, leaving the monitor free for operators and other tools in between.
+//! up after it, leaving the monitor free for operators and other tools in between. While another
+//! client holds the monitor, QEMU stops accepting: new connections wait in the socket's listen
+//! backlog, and once that is full a plain `connect` blocks. The connect here is bounded too.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use serde_json::{json, Value};
-use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
+use vmm_takeover_core::{AbortHandle, HookError, TakeoverRecord, VmPause, VmStart};
 
-/// The default bound for a whole `vm_start` / `vm_pause` (connect, command, status confirmation).
+/// The default bound for a whole `vm_start` / `vm_pause` / `vm_resume` (connect, greeting,
+/// command, status confirmation).
 pub const DEFAULT_QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A blocked connect is retried in slices this long, so that an abort ends it within one slice.
+const CONNECT_SLICE: Duration = Duration::from_millis(50);
 
 /// Errors of the QMP client and hook.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +51,28 @@ pub enum QmpError {
         /// The error.
         #[source]
         source: std::io::Error,
+    },
+    /// The socket's listen backlog stayed full: nobody accepted within the bound.
+    #[error(
+        "cannot connect to QMP socket {} within {timeout:?}: its listen backlog is full \
+         (QEMU serves one QMP client at a time: is another one connected?)",
+        .path.display()
+    )]
+    ConnectTimeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The caller gave up on the call through its [`AbortHandle`] (the socket was shut down).
+    #[error(
+        "QMP call on {} aborted by its caller (deadline passed or VMM stopping): whether the \
+         command took effect is unknown, ask with query-status",
+        .path.display()
+    )]
+    Aborted {
+        /// The socket path.
+        path: PathBuf,
     },
     /// Reading or writing the socket failed.
     #[error("QMP I/O on {} failed: {source}", .path.display())]
@@ -136,6 +168,146 @@ pub struct QmpStatus {
     pub running: bool,
 }
 
+/// What the abort handle of a [`QmpVm`] needs to reach the call in progress.
+#[derive(Debug, Default)]
+struct CallState {
+    /// A call is in progress.
+    active: bool,
+    /// The abort handle was called during this call.
+    aborted: bool,
+    /// A clone of the call's connected socket, for `shutdown` (which wakes a blocked read).
+    stream: Option<UnixStream>,
+}
+
+type SharedCall = Arc<Mutex<CallState>>;
+
+// Held only for non-blocking steps (flag updates, `shutdown`), never across I/O.
+fn lock(call: &Mutex<CallState>) -> MutexGuard<'_, CallState> {
+    call.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn earliest(deadline: Instant, cap: Option<Instant>) -> Instant {
+    cap.map_or(deadline, |cap| cap.min(deadline))
+}
+
+/// The `sockaddr_un` for `path`, or why it cannot be one.
+fn unix_addr(path: &Path) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    // One byte stays for the terminating NUL.
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "the path is {} bytes long; a unix socket path holds at most {}",
+                bytes.len(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    if bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "the path contains a NUL byte",
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    Ok((addr, len as libc::socklen_t))
+}
+
+/// Sets `SO_SNDTIMEO`, which also bounds a blocking `connect` of a unix socket.
+fn set_send_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
+    // A zero timeval would mean "no timeout": never go below one microsecond.
+    let timeout = timeout.max(Duration::from_micros(1));
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: `tv` is a valid timeval and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Connects to the unix socket at `path` before `deadline`.
+///
+/// A unix-socket `connect` never returns EINPROGRESS: with the listener's backlog full, a
+/// non-blocking one fails with EAGAIN at once and there is nothing to poll for. A blocking one
+/// waits for room in the backlog for up to `SO_SNDTIMEO`, then fails with EAGAIN. So the wait is
+/// a blocking connect in slices of [`CONNECT_SLICE`], retried until the deadline, with the abort
+/// flag checked between slices.
+fn connect_unix(
+    path: &Path,
+    deadline: Instant,
+    timeout: Duration,
+    call: Option<&SharedCall>,
+) -> Result<UnixStream, QmpError> {
+    let connect_err = |source| QmpError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (addr, len) = unix_addr(path).map_err(connect_err)?;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(connect_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: the fd was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    loop {
+        if call.is_some_and(|call| lock(call).aborted) {
+            return Err(QmpError::Aborted {
+                path: path.to_path_buf(),
+            });
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(QmpError::ConnectTimeout {
+                path: path.to_path_buf(),
+                timeout,
+            });
+        }
+        set_send_timeout(&fd, remaining.min(CONNECT_SLICE)).map_err(connect_err)?;
+        // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
+        if rc == 0 {
+            return Ok(UnixStream::from(fd));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // The backlog stayed full for this slice, or a signal came: try again.
+            Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+            Some(libc::ENOENT) => {
+                return Err(QmpError::SocketMissing {
+                    path: path.to_path_buf(),
+                })
+            }
+            _ => return Err(connect_err(e)),
+        }
+    }
+}
+
 /// A connected QMP session, past capabilities negotiation.
 #[derive(Debug)]
 pub struct QmpClient {
@@ -144,38 +316,53 @@ pub struct QmpClient {
     timeout: Duration,
     greeting: Value,
     next_id: u64,
+    /// No step may end after this (the whole operation's deadline), whatever `timeout` says.
+    cap: Option<Instant>,
 }
 
 impl QmpClient {
-    /// Connects, reads the greeting and negotiates capabilities. Every later read or write is
-    /// bounded by `timeout`.
+    /// Connects, reads the greeting and negotiates capabilities, all within `timeout` (also when
+    /// the socket's listen backlog is full and nobody accepts). Every later command is bounded by
+    /// `timeout` too.
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Self, QmpError> {
-        let path = path.as_ref().to_path_buf();
-        let stream = UnixStream::connect(&path).map_err(|source| {
-            if source.kind() == ErrorKind::NotFound {
-                QmpError::SocketMissing { path: path.clone() }
-            } else {
-                QmpError::Connect {
-                    path: path.clone(),
-                    source,
-                }
+        Self::connect_within(path.as_ref(), timeout, None, None)
+    }
+
+    /// [`connect`](Self::connect), with every step also bounded by `cap` (the whole operation's
+    /// deadline) and abortable through `call`.
+    fn connect_within(
+        path: &Path,
+        timeout: Duration,
+        cap: Option<Instant>,
+        call: Option<&SharedCall>,
+    ) -> Result<Self, QmpError> {
+        let path = path.to_path_buf();
+        let handshake_deadline = earliest(Instant::now() + timeout, cap);
+        let stream = connect_unix(&path, handshake_deadline, timeout, call)?;
+        let io_err = |source| QmpError::Io {
+            path: path.clone(),
+            source,
+        };
+        stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+        if let Some(call) = call {
+            // From here on the abort handle can shut the socket; an abort that came during the
+            // connect is honoured now.
+            let clone = stream.try_clone().map_err(io_err)?;
+            let mut st = lock(call);
+            if st.aborted {
+                return Err(QmpError::Aborted { path });
             }
-        })?;
-        stream
-            .set_write_timeout(Some(timeout))
-            .map_err(|source| QmpError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            st.stream = Some(clone);
+        }
         let mut client = QmpClient {
             path,
             reader: BufReader::new(stream),
             timeout,
             greeting: Value::Null,
             next_id: 0,
+            cap: Some(handshake_deadline),
         };
-        let deadline = Instant::now() + timeout;
-        let line = client.read_line(deadline, "the QMP greeting")?;
+        let line = client.read_line(handshake_deadline, "the QMP greeting")?;
         let greeting: Value =
             serde_json::from_str(&line).map_err(|_| client.not_greeting(&line))?;
         if greeting.get("QMP").is_none() {
@@ -183,6 +370,7 @@ impl QmpClient {
         }
         client.greeting = greeting;
         client.execute("qmp_capabilities", None)?;
+        client.cap = cap;
         Ok(client)
     }
 
@@ -267,7 +455,7 @@ impl QmpClient {
             .map_err(|source| self.io_error(source))?;
 
         let what = format!("`{command}`");
-        let deadline = Instant::now() + self.timeout;
+        let deadline = earliest(Instant::now() + self.timeout, self.cap);
         loop {
             let line = self.read_line(deadline, &what)?;
             let bad_reply = || QmpError::BadReply {
@@ -351,14 +539,39 @@ impl QmpClient {
     }
 }
 
-/// A QEMU guest driven over QMP: `vm_start` = `cont` + wait until running, `vm_pause` = `stop` +
-/// confirm it no longer runs.
-#[derive(Debug, Clone)]
+/// A QEMU guest driven over QMP: `vm_start` and `vm_resume` = `cont` + wait until running,
+/// `vm_pause` = `stop` + confirm it no longer runs. Each call connects, and the whole call
+/// (connect, greeting, command, confirmation) is bounded by [`timeout`](Self::timeout).
+///
+/// Its abort handle shuts the socket of the call in progress down, so a blocked read returns at
+/// once and the call fails with [`QmpError::Aborted`]; a connect waiting on a full backlog gives
+/// up within 50 ms. A clone has its own calls (and abort handle).
+#[derive(Debug)]
 pub struct QmpVm {
     /// The QMP unix socket (`-qmp unix:PATH,server=on,wait=off`).
     pub socket_path: PathBuf,
     /// The bound for each whole operation.
     pub timeout: Duration,
+    call: SharedCall,
+}
+
+impl Clone for QmpVm {
+    fn clone(&self) -> Self {
+        QmpVm {
+            socket_path: self.socket_path.clone(),
+            timeout: self.timeout,
+            call: SharedCall::default(),
+        }
+    }
+}
+
+/// Clears the call state however a call ends (return or panic).
+struct EndCall<'a>(&'a Mutex<CallState>);
+
+impl Drop for EndCall<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = CallState::default();
+    }
 }
 
 impl QmpVm {
@@ -367,6 +580,7 @@ impl QmpVm {
         QmpVm {
             socket_path: socket_path.into(),
             timeout: DEFAULT_QMP_TIMEOUT,
+            call: SharedCall::default(),
         }
     }
 
@@ -376,46 +590,78 @@ impl QmpVm {
         self
     }
 
-    /// Opens a QMP session on the socket.
+    /// Opens a QMP session on the socket (connect, greeting and capabilities within the bound).
     pub fn connect(&self) -> Result<QmpClient, QmpError> {
         QmpClient::connect(&self.socket_path, self.timeout)
     }
 
+    /// Runs `op` on a fresh session, the whole call bounded by `timeout` and abortable.
+    fn call<T>(
+        &self,
+        op: impl FnOnce(&mut QmpClient, Instant) -> Result<T, QmpError>,
+    ) -> Result<T, QmpError> {
+        let deadline = Instant::now() + self.timeout;
+        *lock(&self.call) = CallState {
+            active: true,
+            ..CallState::default()
+        };
+        let _end = EndCall(&self.call);
+        let result = QmpClient::connect_within(
+            &self.socket_path,
+            self.timeout,
+            Some(deadline),
+            Some(&self.call),
+        )
+        .and_then(|mut client| op(&mut client, deadline));
+        match result {
+            // Whatever the failure looks like after a shutdown (EOF, EPIPE), the cause is the abort.
+            Err(_) if lock(&self.call).aborted => {
+                warn!("qmp {}: call aborted", self.socket_path.display());
+                Err(QmpError::Aborted {
+                    path: self.socket_path.clone(),
+                })
+            }
+            other => other,
+        }
+    }
+
     /// QEMU's run state (`prelaunch`, `running`, `paused`, ...).
     pub fn query_status(&self) -> Result<String, QmpError> {
-        Ok(self.connect()?.query_status()?.status)
+        self.call(|client, _| Ok(client.query_status()?.status))
     }
 
     /// `cont`, then waits until QEMU reports running. Calling it on a running VM is harmless.
     pub fn cont(&self) -> Result<QmpStatus, QmpError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut client = self.connect()?;
-        client.execute("cont", None)?;
-        let (status, ok) = client.poll_status(deadline, |s| s.running)?;
-        if !ok {
-            return Err(QmpError::NotRunning {
-                path: self.socket_path.clone(),
-                timeout: self.timeout,
-                status: status.status,
-            });
-        }
+        let status = self.call(|client, deadline| {
+            client.execute("cont", None)?;
+            let (status, ok) = client.poll_status(deadline, |s| s.running)?;
+            if !ok {
+                return Err(QmpError::NotRunning {
+                    path: self.socket_path.clone(),
+                    timeout: self.timeout,
+                    status: status.status,
+                });
+            }
+            Ok(status)
+        })?;
         info!("qmp {}: guest running", self.socket_path.display());
         Ok(status)
     }
 
     /// `stop`, then waits until QEMU reports that the guest no longer runs.
     pub fn stop(&self) -> Result<QmpStatus, QmpError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut client = self.connect()?;
-        client.execute("stop", None)?;
-        let (status, ok) = client.poll_status(deadline, |s| !s.running)?;
-        if !ok {
-            return Err(QmpError::NotPaused {
-                path: self.socket_path.clone(),
-                timeout: self.timeout,
-                status: status.status,
-            });
-        }
+        let status = self.call(|client, deadline| {
+            client.execute("stop", None)?;
+            let (status, ok) = client.poll_status(deadline, |s| !s.running)?;
+            if !ok {
+                return Err(QmpError::NotPaused {
+                    path: self.socket_path.clone(),
+                    timeout: self.timeout,
+                    status: status.status,
+                });
+            }
+            Ok(status)
+        })?;
         // What matters for a handoff is that the vCPUs no longer run; a state other than
         // `paused` (e.g. `shutdown`) is still worth a note.
         if status.status != "paused" {
@@ -428,6 +674,21 @@ impl QmpVm {
             info!("qmp {}: guest paused", self.socket_path.display());
         }
         Ok(status)
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        let call = self.call.clone();
+        Arc::new(move || {
+            let mut st = lock(&call);
+            if !st.active {
+                return;
+            }
+            st.aborted = true;
+            if let Some(stream) = &st.stream {
+                // Wakes a read blocked on the socket at once; never blocks itself.
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        })
     }
 }
 
@@ -445,6 +706,10 @@ impl VmStart for QmpVm {
     fn describe(&self) -> String {
         format!("qmp:{}", self.socket_path.display())
     }
+
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        Some(QmpVm::abort_handle(self))
+    }
 }
 
 impl VmPause for QmpVm {
@@ -453,7 +718,18 @@ impl VmPause for QmpVm {
         Ok(())
     }
 
+    /// `cont`, confirmed by `query-status` (as `vm_start`).
+    fn vm_resume(&mut self) -> Result<(), HookError> {
+        debug!("qmp {}: vm_resume", self.socket_path.display());
+        self.cont()?;
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("qmp:{}", self.socket_path.display())
+    }
+
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        Some(QmpVm::abort_handle(self))
     }
 }

@@ -41,6 +41,10 @@ impl SimulatedVm {
             let _finish = WorkerGuard(worker.clone());
             let mut n = 0u64;
             while worker.wait_runnable() {
+                // The run deadline, checked before every step as the vCPU does before KVM_RUN.
+                if !worker.may_enter() {
+                    continue;
+                }
                 // Count first, then sleep: the first tick after start is immediate, and a pause
                 // never lets one more increment through after it returned.
                 n += 1;

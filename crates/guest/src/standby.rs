@@ -67,6 +67,13 @@ impl VmPause for StandbyGuest {
         }
     }
 
+    fn vm_resume(&mut self) -> Result<(), HookError> {
+        match self {
+            StandbyGuest::Kvm(vm) => vm.vm_resume(),
+            StandbyGuest::Simulated(vm) => vm.vm_resume(),
+        }
+    }
+
     fn describe(&self) -> String {
         self.kind().to_string()
     }

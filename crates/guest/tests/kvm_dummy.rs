@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{record, skip};
 use vmm_takeover_core::{TakeoverReason, VmPause, VmStart};
-use vmm_takeover_guest::{DummyVm, KvmDummyError};
+use vmm_takeover_guest::{DummyVm, GuestStateError, KvmDummyError};
 
 /// Generous bound for events that normally take microseconds (loaded CI machines).
 const EVENT_BOUND: Duration = Duration::from_secs(10);
@@ -142,4 +142,134 @@ fn counter_is_readable_from_another_thread() {
     let t = std::thread::spawn(move || reader.wait_for_counter(500, EVENT_BOUND));
     vm.start().unwrap();
     assert!(t.join().unwrap());
+}
+
+#[test]
+fn vm_resume_restarts_a_paused_guest() {
+    let Some(vm) = vm_or_skip() else { return };
+    let mut hook = vm.clone();
+    hook.vm_start(&record(TakeoverReason::Handoff, None))
+        .unwrap();
+    hook.vm_pause().unwrap();
+    let frozen = vm.counter();
+    // vm_resume returns once the guest has exited again: it is known to run.
+    hook.vm_resume().unwrap();
+    assert!(vm.is_running());
+    assert!(vm.counter() > frozen, "{} <= {frozen}", vm.counter());
+    assert_eq!(vm.starts(), 2);
+    // On a running guest it changes nothing.
+    hook.vm_resume().unwrap();
+    assert_eq!(vm.starts(), 2);
+}
+
+fn is_fenced(err: &GuestStateError) -> bool {
+    matches!(err, GuestStateError::Fenced { .. })
+}
+
+#[test]
+fn past_run_deadline_refuses_start_and_no_guest_instruction_runs() {
+    let Some(vm) = vm_or_skip() else { return };
+    vm.set_run_deadline(Some(Instant::now() - Duration::from_millis(1)));
+    assert!(vm.run_deadline().is_some());
+    let err = vm.start().unwrap_err();
+    assert!(is_fenced(&err), "{err:?}");
+    assert!(err.to_string().contains("set_run_deadline"), "{err}");
+    assert!(vm.fenced());
+    let mut hook = vm.clone();
+    let err = hook
+        .vm_start(&record(TakeoverReason::PeerClosed, None))
+        .unwrap_err();
+    assert!(
+        err.downcast_ref::<GuestStateError>().is_some_and(is_fenced),
+        "{err:?}"
+    );
+    // Absence: 100 ms is ~50k guest exits had the vCPU entered the guest.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.counter(), 0);
+    assert_eq!(vm.exits(), 0);
+    assert!(!vm.is_running());
+    assert_eq!(vm.starts(), 0);
+
+    // Clearing the deadline lifts the fence; the guest stays paused until started.
+    vm.set_run_deadline(None);
+    assert!(!vm.fenced());
+    assert_eq!(vm.run_deadline(), None);
+    assert!(!vm.is_running());
+    hook.vm_start(&record(TakeoverReason::PeerClosed, None))
+        .unwrap();
+    assert!(vm.wait_for_counter(100, EVENT_BOUND));
+}
+
+#[test]
+fn run_deadline_ahead_lets_the_guest_run_then_freezes_it() {
+    let Some(vm) = vm_or_skip() else { return };
+    let deadline = Instant::now() + Duration::from_millis(200);
+    vm.set_run_deadline(Some(deadline));
+    assert!(!vm.fenced());
+    assert!(vm.start().unwrap());
+    assert!(
+        vm.wait_for_counter(100, EVENT_BOUND),
+        "the guest must run before its deadline (counter {})",
+        vm.counter()
+    );
+
+    // Nobody pauses it: the vCPU thread fences itself at the deadline.
+    assert!(vm.wait_fenced(EVENT_BOUND), "not fenced after the deadline");
+    assert!(
+        Instant::now() >= deadline,
+        "fenced {:?} before the deadline",
+        deadline - Instant::now()
+    );
+    assert!(!vm.is_running());
+    assert_eq!(vm.failure(), None);
+    let frozen = vm.counter();
+    assert_eq!(frozen, vm.exits());
+    // Absence over a further interval: the parked vCPU thread does not enter KVM_RUN.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.counter(), frozen);
+    assert_eq!(vm.exits(), frozen);
+    assert!(!vm.wait_for_counter(frozen + 1, EVENT_BOUND));
+    let err = vm.start().unwrap_err();
+    assert!(is_fenced(&err), "{err:?}");
+    assert_eq!(vm.counter(), frozen);
+
+    // Extending the deadline lets it run again, from where it stopped.
+    vm.set_run_deadline(Some(Instant::now() + EVENT_BOUND * 6));
+    assert!(!vm.fenced());
+    assert!(vm.start().unwrap());
+    assert!(vm.wait_for_counter(frozen + 100, EVENT_BOUND));
+    // Clearing it keeps it running.
+    vm.set_run_deadline(None);
+    let now = vm.counter();
+    assert!(vm.wait_for_counter(now + 100, EVENT_BOUND));
+    assert!(vm.pause().unwrap());
+    assert_eq!(vm.counter(), vm.exits());
+}
+
+#[test]
+fn fence_parks_now_and_refuses_start_until_the_deadline_moves() {
+    let Some(vm) = vm_or_skip() else { return };
+    vm.start().unwrap();
+    assert!(vm.wait_for_counter(100, EVENT_BOUND));
+    assert!(vm.fence().unwrap(), "it was running");
+    assert!(vm.fenced());
+    assert!(!vm.is_running());
+    let frozen = vm.counter();
+    assert_eq!(frozen, vm.exits());
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.counter(), frozen);
+
+    assert!(is_fenced(&vm.start().unwrap_err()));
+    let mut hook = vm.clone();
+    assert!(hook.vm_resume().is_err());
+    // A deadline that has passed too does not lift the fence.
+    vm.set_run_deadline(Some(Instant::now() - Duration::from_secs(1)));
+    assert!(vm.fenced());
+    assert!(is_fenced(&vm.start().unwrap_err()));
+    assert_eq!(vm.counter(), frozen);
+
+    vm.set_run_deadline(None);
+    assert!(!vm.fenced());
+    hook.vm_resume().unwrap();
+    assert!(vm.wait_for_counter(frozen + 100, EVENT_BOUND));
 }

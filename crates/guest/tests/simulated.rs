@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{record, skip};
 use vmm_takeover_core::{TakeoverReason, VmPause, VmStart};
-use vmm_takeover_guest::{SimulatedVm, StandbyGuest};
+use vmm_takeover_guest::{GuestStateError, SimulatedVm, StandbyGuest};
 
 const EVENT_BOUND: Duration = Duration::from_secs(10);
 
@@ -49,6 +49,10 @@ fn standby_guest_wraps_either_backend() {
     assert!(sim.wait_for_counter(3, EVENT_BOUND));
     sim.vm_pause().unwrap();
     assert!(!sim.is_running());
+    let frozen = sim.counter();
+    sim.vm_resume().unwrap();
+    assert!(sim.is_running());
+    assert!(sim.wait_for_counter(frozen + 3, EVENT_BOUND));
 
     match StandbyGuest::kvm() {
         Ok(mut kvm) => {
@@ -58,8 +62,42 @@ fn standby_guest_wraps_either_backend() {
             assert!(kvm.wait_for_counter(100, EVENT_BOUND));
             kvm.vm_pause().unwrap();
             let frozen = kvm.counter();
-            assert_eq!(kvm.counter(), frozen);
+            kvm.vm_resume().unwrap();
+            assert!(kvm.counter() > frozen);
         }
         Err(e) => skip(format!("StandbyGuest::kvm: {e}")),
     }
+}
+
+#[test]
+fn simulation_stops_at_its_run_deadline() {
+    let vm = SimulatedVm::new().unwrap();
+    let deadline = Instant::now() + Duration::from_millis(200);
+    vm.set_run_deadline(Some(deadline));
+    vm.start().unwrap();
+    assert!(vm.wait_for_counter(3, EVENT_BOUND));
+    assert!(vm.wait_fenced(EVENT_BOUND));
+    assert!(Instant::now() >= deadline);
+    let frozen = vm.counter();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(vm.counter(), frozen);
+    assert!(matches!(
+        vm.start().unwrap_err(),
+        GuestStateError::Fenced { .. }
+    ));
+    vm.set_run_deadline(Some(Instant::now() + Duration::from_secs(60)));
+    vm.start().unwrap();
+    assert!(vm.wait_for_counter(frozen + 3, EVENT_BOUND));
+}
+
+#[test]
+fn simulation_with_a_past_deadline_does_not_count() {
+    let mut vm = SimulatedVm::new().unwrap();
+    vm.set_run_deadline(Some(Instant::now()));
+    assert!(vm
+        .vm_start(&record(TakeoverReason::PeerClosed, None))
+        .is_err());
+    assert!(vm.fenced());
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(vm.counter(), 0);
 }

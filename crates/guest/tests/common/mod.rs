@@ -8,10 +8,16 @@ use std::time::{Instant, SystemTime};
 
 use vmm_takeover_core::{TakeoverReason, TakeoverRecord};
 
-/// Prints why a test did not run, visible with and without output capture.
+/// Says why a test (or benchmark row) cannot run here: prints `SKIPPED: why` on stdout and
+/// stderr (visible with and without output capture), and **panics** when `CI=true`, where
+/// everything a test needs (`/dev/kvm`, QEMU) must be present: a skip there would hide a broken
+/// machine as a green run.
 pub fn skip(why: impl std::fmt::Display) {
     println!("SKIPPED: {why}");
     eprintln!("SKIPPED: {why}");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true, so this may not be skipped: {why}");
+    }
 }
 
 /// A takeover record as the backup would build it.
