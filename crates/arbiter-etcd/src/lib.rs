@@ -49,7 +49,7 @@ pub use endpoint::{parse_endpoints, Endpoint, EndpointsError};
 
 use client::Client;
 use wire::{
-    cmp_create, cmp_value, op_delete, op_put, op_range, txn, unb64, GrantResponse, KeepAliveAnswer,
+    cmp_create, cmp_lease, cmp_value, op_delete, op_put, op_range, txn, unb64, GrantResponse, KeepAliveAnswer,
     KeyValue, TimeToLiveResponse, TxnResponse,
 };
 
@@ -245,6 +245,12 @@ fn epoch_of(revision: i64) -> Result<u64, ArbiterError> {
         .ok_or_else(|| ArbiterError::Protocol(format!("revision {revision} is not a valid epoch")))
 }
 
+/// An epoch as a revision to compare with; 0 would compare equal to "absent", and no ownership
+/// has it.
+fn valid_epoch(epoch: u64) -> Option<i64> {
+    i64::try_from(epoch).ok().filter(|&e| e > 0)
+}
+
 fn protocol(e: String) -> ArbiterError {
     ArbiterError::Protocol(e)
 }
@@ -400,18 +406,20 @@ impl Arbiter for EtcdArbiter {
         )))
     }
 
+    /// Deletes the owner key if it still is this session's ownership under `epoch` (same
+    /// `create_revision`, same lease), in one txn.
     fn release(&mut self, pair: &str, epoch: u64) -> Result<(), ArbiterError> {
+        let s = self.session()?;
         let deadline = self.deadline();
         let owner_key = self.owner_key(pair);
-        let Some(rev) = i64::try_from(epoch).ok().filter(|&e| e > 0) else {
-            // 0 would compare equal to "absent": no ownership has such an epoch.
+        let Some(rev) = valid_epoch(epoch) else {
             let current = self.owner_now(deadline, &owner_key)?;
             return Err(ArbiterError::NotOwner(current));
         };
         let r = self.txn(
             deadline,
             txn(
-                vec![cmp_create(&owner_key, rev)],
+                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
                 vec![op_delete(&owner_key)],
                 vec![op_range(&owner_key)],
             ),
@@ -427,12 +435,14 @@ impl Arbiter for EtcdArbiter {
         Err(ArbiterError::NotOwner(current))
     }
 
+    /// In one txn: if the owner key is still this session's ownership under `epoch`, delete it
+    /// and put the handover key (successor's name, this session's lease).
     fn hand_over(&mut self, pair: &str, epoch: u64, successor: &str) -> Result<(), ArbiterError> {
         let s = self.session()?;
         let deadline = self.deadline();
         let owner_key = self.owner_key(pair);
         let handover_key = self.handover_key(pair);
-        let Some(rev) = i64::try_from(epoch).ok().filter(|&e| e > 0) else {
+        let Some(rev) = valid_epoch(epoch) else {
             let current = self.owner_now(deadline, &owner_key)?;
             return Err(ArbiterError::NotOwner(current));
         };
@@ -560,6 +570,7 @@ mod tests {
         assert_eq!(a.renew(), Err(ArbiterError::NoSession));
         assert_eq!(a.acquire("p"), Err(ArbiterError::NoSession));
         assert_eq!(a.hand_over("p", 3, "x"), Err(ArbiterError::NoSession));
+        assert_eq!(a.release("p", 3), Err(ArbiterError::NoSession));
         assert_eq!(a.close_session(), Ok(()));
     }
 }

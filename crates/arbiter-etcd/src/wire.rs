@@ -196,6 +196,11 @@ pub(crate) fn cmp_value(key: &str, value: &str) -> Value {
     json!({"target": "VALUE", "result": "EQUAL", "key": b64(key), "value": b64(value)})
 }
 
+/// A compare `lease(key) == lease` (false when the key does not exist).
+pub(crate) fn cmp_lease(key: &str, lease: i64) -> Value {
+    json!({"target": "LEASE", "result": "EQUAL", "key": b64(key), "lease": lease.to_string()})
+}
+
 /// A put bound to `lease`.
 pub(crate) fn op_put(key: &str, value: &str, lease: i64) -> Value {
     json!({"request_put": {"key": b64(key), "value": b64(value), "lease": lease.to_string()}})
