@@ -49,8 +49,8 @@ pub use endpoint::{parse_endpoints, Endpoint, EndpointsError};
 
 use client::Client;
 use wire::{
-    cmp_create, cmp_lease, cmp_value, op_delete, op_put, op_range, txn, unb64, GrantResponse, KeepAliveAnswer,
-    KeyValue, TimeToLiveResponse, TxnResponse,
+    cmp_create, cmp_lease, cmp_value, op_delete, op_put, op_range, txn, unb64, GrantResponse,
+    KeepAliveAnswer, KeyValue, TimeToLiveResponse, TxnResponse,
 };
 
 /// The key prefix when none is configured.
@@ -449,7 +449,7 @@ impl Arbiter for EtcdArbiter {
         let r = self.txn(
             deadline,
             txn(
-                vec![cmp_create(&owner_key, rev)],
+                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
                 vec![
                     op_delete(&owner_key),
                     op_put(&handover_key, successor, s.lease),

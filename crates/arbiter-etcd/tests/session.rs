@@ -78,32 +78,45 @@ fn a_session_that_stops_renewing_loses_the_pair_after_its_ttl() {
     let last_renew_sent = Instant::now();
     a.renew().unwrap();
 
-    let won = wait_for(ttl + Duration::from_secs(10), Duration::from_millis(20), || {
-        match b.acquire(&p).unwrap() {
+    let won = wait_for(
+        ttl + Duration::from_secs(10),
+        Duration::from_millis(20),
+        || match b.acquire(&p).unwrap() {
             Acquire::Won { epoch } => Some((epoch, last_renew_sent.elapsed())),
             Acquire::Held { owner, .. } => {
                 assert_eq!(owner.holder, "a");
                 None
             }
             other => panic!("unexpected {other:?}"),
-        }
-    });
+        },
+    );
     let (epoch_b, after) = won.expect("the pair never became free");
     println!("pair freed {after:?} after the last renewal was sent (TTL {ttl:?})");
-    assert!(after >= ttl, "freed after {after:?}, before the TTL {ttl:?}");
+    assert!(
+        after >= ttl,
+        "freed after {after:?}, before the TTL {ttl:?}"
+    );
     assert!(epoch_b > epoch_a, "epoch {epoch_b} not above {epoch_a}");
 
     // The old session learns it is gone, and cannot take the pair back.
     assert!(matches!(a.renew(), Err(ArbiterError::LeaseLost(_))));
     match a.acquire(&p).unwrap() {
-        Acquire::Held { owner, .. } => assert_eq!((owner.holder.as_str(), owner.epoch), ("b", epoch_b)),
+        Acquire::Held { owner, .. } => {
+            assert_eq!((owner.holder.as_str(), owner.epoch), ("b", epoch_b))
+        }
         other => panic!("unexpected {other:?}"),
     }
     // A free pair under a dead lease: etcd refuses the put, which is LeaseLost too.
-    assert!(matches!(a.acquire(&pair("other")), Err(ArbiterError::LeaseLost(_))));
+    assert!(matches!(
+        a.acquire(&pair("other")),
+        Err(ArbiterError::LeaseLost(_))
+    ));
     // A new session works again.
     a.open_session(Duration::from_secs(5)).unwrap();
-    assert!(matches!(a.acquire(&pair("fresh")).unwrap(), Acquire::Won { .. }));
+    assert!(matches!(
+        a.acquire(&pair("fresh")).unwrap(),
+        Acquire::Won { .. }
+    ));
 }
 
 #[test]

@@ -348,7 +348,12 @@ impl EtcdServer {
         let pid = self.pid().expect("etcd is not running") as libc::pid_t;
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// The process state letter from /proc (`T` = stopped).
@@ -364,7 +369,10 @@ impl EtcdServer {
         self.signal(libc::SIGSTOP);
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.proc_state() != Some('T') {
-            assert!(Instant::now() < deadline, "etcd not stopped 5 s after SIGSTOP");
+            assert!(
+                Instant::now() < deadline,
+                "etcd not stopped 5 s after SIGSTOP"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -401,11 +409,21 @@ impl EtcdServer {
 
     /// `POST /v3/maintenance/status`: `(member_id, leader_id)`, decimal, as etcd writes them.
     pub fn status(&self, timeout: Duration) -> Option<(String, String)> {
-        let (code, body) = http(self.client_addr(), "POST", "/v3/maintenance/status", "{}", timeout).ok()?;
+        let (code, body) = http(
+            self.client_addr(),
+            "POST",
+            "/v3/maintenance/status",
+            "{}",
+            timeout,
+        )
+        .ok()?;
         if code != 200 {
             return None;
         }
-        Some((json_field(&body, "member_id")?, json_field(&body, "leader")?))
+        Some((
+            json_field(&body, "member_id")?,
+            json_field(&body, "leader")?,
+        ))
     }
 }
 
@@ -449,7 +467,12 @@ impl EtcdCluster {
                     .collect();
                 listeners
                     .chunks(2)
-                    .map(|c| (c[0].local_addr().unwrap().port(), c[1].local_addr().unwrap().port()))
+                    .map(|c| {
+                        (
+                            c[0].local_addr().unwrap().port(),
+                            c[1].local_addr().unwrap().port(),
+                        )
+                    })
                     .collect()
             };
             let initial_cluster = ports
@@ -535,9 +558,7 @@ impl EtcdCluster {
     /// Moves leadership to member `to` (etcd's MoveLeader, asked of the current leader), then
     /// waits until every running member agrees that `to` leads.
     pub fn move_leader(&self, to: usize, timeout: Duration) -> Result<(), String> {
-        let from = self
-            .wait_leader(timeout)
-            .ok_or("no leader to move from")?;
+        let from = self.wait_leader(timeout).ok_or("no leader to move from")?;
         if from == to {
             return Ok(());
         }

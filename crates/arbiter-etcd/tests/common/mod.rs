@@ -29,7 +29,11 @@ pub fn arbiter_with_timeout(addrs: &[SocketAddr], holder: &str, timeout: Duratio
 /// A pair name no other test uses.
 pub fn pair(tag: &str) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    format!("{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A loopback port with nothing listening: connections are refused at once.
@@ -39,7 +43,11 @@ pub fn closed_port() -> SocketAddr {
 }
 
 /// Polls `f` every `every` until it returns `Some`, for at most `bound`.
-pub fn wait_for<T>(bound: Duration, every: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn wait_for<T>(
+    bound: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + bound;
     loop {
         if let Some(v) = f() {
