@@ -274,13 +274,12 @@ impl Arbiter for EtcdArbiter {
     /// raises TTLs below its minimum). An open session is revoked first, best effort: its pairs
     /// are given up either way, and revoking frees them now rather than a TTL later.
     fn open_session(&mut self, ttl: Duration) -> Result<Duration, ArbiterError> {
-        if self.session.is_some() {
-            if let Err(e) = self.close_session() {
-                log::warn!("could not revoke the previous arbiter session: {e}");
-                self.session = None;
-            }
-        }
+        // One deadline for both requests: the call's bound holds here too.
         let deadline = self.deadline();
+        if let Err(e) = self.revoke(deadline) {
+            log::warn!("could not revoke the previous arbiter session: {e}");
+            self.session = None;
+        }
         let asked = whole_seconds(ttl);
         let r: GrantResponse = self.client.call(
             deadline,
@@ -495,10 +494,17 @@ impl Arbiter for EtcdArbiter {
 
     /// `lease/revoke`. A lease that is already gone counts as revoked.
     fn close_session(&mut self) -> Result<(), ArbiterError> {
+        let deadline = self.deadline();
+        self.revoke(deadline)
+    }
+}
+
+impl EtcdArbiter {
+    /// Revokes the session's lease, if any; a lease already gone counts as revoked.
+    fn revoke(&mut self, deadline: Instant) -> Result<(), ArbiterError> {
         let Some(s) = self.session else {
             return Ok(());
         };
-        let deadline = self.deadline();
         match self.client.call::<serde_json::Value>(
             deadline,
             "/v3/lease/revoke",
@@ -511,9 +517,7 @@ impl Arbiter for EtcdArbiter {
             Err(e) => Err(e),
         }
     }
-}
 
-impl EtcdArbiter {
     fn owner_now(
         &mut self,
         deadline: Instant,

@@ -39,9 +39,36 @@ fn a_silent_endpoint_is_unavailable_within_the_request_timeout() {
     let t = Instant::now();
     let err = a.open_session(Duration::from_secs(5)).unwrap_err();
     let took = t.elapsed();
-    assert!(matches!(err, ArbiterError::Unavailable(ref m) if m.contains("timed out")), "{err}");
-    assert!(took >= timeout - Duration::from_millis(50) && took < timeout + SLACK, "took {took:?}");
+    assert!(
+        matches!(err, ArbiterError::Unavailable(ref m) if m.contains("timed out")),
+        "{err}"
+    );
+    assert!(
+        took >= timeout - Duration::from_millis(50) && took < timeout + SLACK,
+        "took {took:?}"
+    );
     println!("silent endpoint: {err} after {took:?}");
+}
+
+#[test]
+fn all_endpoints_silent_is_unavailable_within_one_timeout_naming_each() {
+    let silent: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<_> = silent.iter().map(|l| l.local_addr().unwrap()).collect();
+    let timeout = Duration::from_secs(1);
+    let mut a = arbiter_with_timeout(&addrs, "a", timeout);
+    let t = Instant::now();
+    let err = a.open_session(Duration::from_secs(5)).unwrap_err();
+    let took = t.elapsed();
+    let ArbiterError::Unavailable(msg) = &err else {
+        panic!("unexpected {err:?}")
+    };
+    for addr in &addrs {
+        assert!(msg.contains(&addr.to_string()), "{msg}");
+    }
+    assert!(took < timeout + SLACK, "took {took:?}");
+    println!("three silent endpoints: {err} after {took:?}");
 }
 
 #[test]
@@ -60,7 +87,11 @@ fn fails_over_to_the_next_endpoint() {
     // First endpoint hangs: it gets half of the deadline, the live one the rest.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let timeout = Duration::from_secs(2);
-    let mut b = arbiter_with_timeout(&[silent.local_addr().unwrap(), etcd.client_addr()], "b", timeout);
+    let mut b = arbiter_with_timeout(
+        &[silent.local_addr().unwrap(), etcd.client_addr()],
+        "b",
+        timeout,
+    );
     let t = Instant::now();
     b.open_session(Duration::from_secs(30)).unwrap();
     let first = t.elapsed();
@@ -68,7 +99,9 @@ fn fails_over_to_the_next_endpoint() {
     // Later calls start at the endpoint that answered.
     let t = Instant::now();
     match b.acquire(&p).unwrap() {
-        Acquire::Held { owner, .. } => assert_eq!((owner.holder.as_str(), owner.epoch), ("a", epoch)),
+        Acquire::Held { owner, .. } => {
+            assert_eq!((owner.holder.as_str(), owner.epoch), ("a", epoch))
+        }
         other => panic!("unexpected {other:?}"),
     }
     let next = t.elapsed();
@@ -99,15 +132,23 @@ fn a_stopped_etcd_is_unavailable_within_the_timeout_and_answers_after_sigcont() 
             a.acquire(&p).map(|_| ())
         };
         let took = t.elapsed();
-        assert!(matches!(r, Err(ArbiterError::Unavailable(_))), "{what}: {r:?}");
+        assert!(
+            matches!(r, Err(ArbiterError::Unavailable(_))),
+            "{what}: {r:?}"
+        );
         assert!(took < timeout + SLACK, "{what} took {took:?}");
-        println!("{what} on a stopped etcd: {} after {took:?}", r.unwrap_err());
+        println!(
+            "{what} on a stopped etcd: {} after {took:?}",
+            r.unwrap_err()
+        );
     }
     etcd.resume();
 
     // The first call after SIGCONT may still meet etcd catching up: bounded retry.
-    let ttl = wait_for(Duration::from_secs(10), Duration::from_millis(50), || a.renew().ok())
-        .expect("etcd did not answer after SIGCONT");
+    let ttl = wait_for(Duration::from_secs(10), Duration::from_millis(50), || {
+        a.renew().ok()
+    })
+    .expect("etcd did not answer after SIGCONT");
     assert!(ttl > Duration::ZERO);
     assert_eq!(a.acquire(&p).unwrap(), Acquire::Won { epoch });
 }
@@ -138,21 +179,32 @@ fn a_restart_keeps_ownership_and_lease_semantics() {
     println!("restart: ttl_left before {before:?}, after {after:?} (granted {ttl:?})");
     // The new leader renewed the lease to its full TTL (more than was left).
     let after = after.expect("lease TTL after restart");
-    assert!(after > before.unwrap(), "lease not refreshed: {before:?} -> {after:?}");
-    assert!(after >= ttl - Duration::from_secs(1), "lease not refreshed to its TTL: {after:?}");
+    assert!(
+        after > before.unwrap(),
+        "lease not refreshed: {before:?} -> {after:?}"
+    );
+    assert!(
+        after >= ttl - Duration::from_secs(1),
+        "lease not refreshed to its TTL: {after:?}"
+    );
 
     // Without renewals, the lease still expires: the pair goes to b with a larger epoch.
     b.open_session(Duration::from_secs(30)).unwrap();
-    let won = wait_for(ttl + Duration::from_secs(10), Duration::from_millis(20), || {
-        match b.acquire(&p).unwrap() {
+    let won = wait_for(
+        ttl + Duration::from_secs(10),
+        Duration::from_millis(20),
+        || match b.acquire(&p).unwrap() {
             Acquire::Won { epoch } => Some(epoch),
             _ => None,
-        }
-    })
+        },
+    )
     .expect("lease never expired after the restart");
     let freed = restarted.elapsed();
     println!("restart: pair freed {freed:?} after the restart");
-    assert!(freed >= ttl, "freed {freed:?} after the restart, before the TTL {ttl:?}");
+    assert!(
+        freed >= ttl,
+        "freed {freed:?} after the restart, before the TTL {ttl:?}"
+    );
     assert!(won > epoch);
     assert!(matches!(a.renew(), Err(ArbiterError::LeaseLost(_))));
 }

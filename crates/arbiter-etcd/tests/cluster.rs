@@ -35,18 +35,32 @@ fn leader_changes_keep_ownership_and_renew_leases() {
     let t = Instant::now();
     cluster.move_leader(to, LEADER_BOUND).unwrap();
     println!("leader moved {leader} -> {to} in {:?}", t.elapsed());
-    let (owner, after) = a.owner(&p).unwrap().expect("ownership lost in a leader change");
+    let (owner, after) = a
+        .owner(&p)
+        .unwrap()
+        .expect("ownership lost in a leader change");
     assert_eq!((owner.holder.as_str(), owner.epoch), ("a", epoch));
     let after = after.expect("ttl_left");
     println!("leader change: ttl_left before {before:?}, after {after:?} (granted {ttl:?})");
-    assert!(after > before, "lease not renewed by the new leader: {before:?} -> {after:?}");
-    assert!(after >= ttl - Duration::from_secs(1), "lease not renewed to its TTL: {after:?}");
+    assert!(
+        after > before,
+        "lease not renewed by the new leader: {before:?} -> {after:?}"
+    );
+    assert!(
+        after >= ttl - Duration::from_secs(1),
+        "lease not renewed to its TTL: {after:?}"
+    );
 
     // 2. The leader dies: a new one is elected, the client fails over past the dead member.
     cluster.members[to].kill();
     let t = Instant::now();
-    let new_leader = cluster.wait_leader(LEADER_BOUND).expect("no leader after a kill");
-    println!("leader {to} killed; {new_leader} leads after {:?}", t.elapsed());
+    let new_leader = cluster
+        .wait_leader(LEADER_BOUND)
+        .expect("no leader after a kill");
+    println!(
+        "leader {to} killed; {new_leader} leads after {:?}",
+        t.elapsed()
+    );
     let renewed = wait_for(LEADER_BOUND, Duration::from_millis(100), || a.renew().ok())
         .expect("renew failed after the leader was killed");
     assert_eq!(renewed, ttl);
@@ -58,7 +72,8 @@ fn leader_changes_keep_ownership_and_renew_leases() {
     // 3. The dead member comes back and catches up.
     cluster.members[to].start_again();
     assert!(
-        wait_for(LEADER_BOUND, Duration::from_millis(100), || cluster.members[to]
+        wait_for(LEADER_BOUND, Duration::from_millis(100), || cluster.members
+            [to]
             .healthy(Duration::from_millis(500))
             .then_some(()))
         .is_some(),

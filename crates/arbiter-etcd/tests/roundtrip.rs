@@ -58,7 +58,10 @@ fn prints_round_trip_times_of_keepalive_and_acquire() {
         assert!(matches!(a.acquire(&pairs[i]).unwrap(), Acquire::Won { .. }));
     });
     measure("acquire, held (txn + timetolive)", |i| {
-        assert!(matches!(b.acquire(&pairs[i]).unwrap(), Acquire::Held { .. }));
+        assert!(matches!(
+            b.acquire(&pairs[i]).unwrap(),
+            Acquire::Held { .. }
+        ));
     });
     measure("owner (range + timetolive)", |i| {
         assert!(a.owner(&pairs[i]).unwrap().is_some());
