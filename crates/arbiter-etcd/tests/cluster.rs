@@ -52,17 +52,32 @@ fn leader_changes_keep_ownership_and_renew_leases() {
     );
 
     // 2. The leader dies: a new one is elected, the client fails over past the dead member.
+    // Renew right away, as a holder would, and record what it sees during the election.
     cluster.members[to].kill();
     let t = Instant::now();
+    let mut failures = Vec::new();
+    let renewed = wait_for(LEADER_BOUND, Duration::from_millis(100), || {
+        match a.renew() {
+            Ok(ttl) => Some(ttl),
+            Err(e) => {
+                failures.push(format!("{:?}: {e}", t.elapsed()));
+                None
+            }
+        }
+    })
+    .expect("renew failed after the leader was killed");
+    println!(
+        "leader {to} killed: renew succeeded after {:?}, {} failed call(s) before: {failures:#?}",
+        t.elapsed(),
+        failures.len()
+    );
     let new_leader = cluster
         .wait_leader(LEADER_BOUND)
         .expect("no leader after a kill");
     println!(
-        "leader {to} killed; {new_leader} leads after {:?}",
+        "member {new_leader} leads, {:?} after the kill",
         t.elapsed()
     );
-    let renewed = wait_for(LEADER_BOUND, Duration::from_millis(100), || a.renew().ok())
-        .expect("renew failed after the leader was killed");
     assert_eq!(renewed, ttl);
     assert_eq!(a.acquire(&p).unwrap(), Acquire::Won { epoch });
     let mut b = arbiter(&cluster.client_addrs(), "b");
