@@ -26,7 +26,9 @@ pub struct EtcdOptions {
     /// Run etcd through this, e.g. `["ip", "netns", "exec", "ns1"]` (the prefix must `exec` etcd,
     /// as `ip netns exec` does, so that signals reach etcd itself).
     pub command_prefix: Vec<String>,
-    /// The IP to listen on (client and peer), 127.0.0.1 by default.
+    /// The IP to listen on (client and peer), 127.0.0.1 by default. Readiness is polled from the
+    /// test process, so with a namespace prefix this must be reachable from here (e.g. the
+    /// namespace's end of a veth pair); checked with `ip netns exec NS` + a veth address.
     pub listen_ip: IpAddr,
     /// Fixed client port; by default a free one is picked (inside a network namespace of its
     /// own, set both ports: a free port here says nothing about that namespace).
