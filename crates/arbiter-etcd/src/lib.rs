@@ -116,7 +116,8 @@ impl fmt::Debug for EtcdArbiter {
 impl EtcdArbiter {
     /// An arbiter on `endpoints` (tried in this order; members of one etcd cluster) for the
     /// process named `holder` (see [`default_holder`]). Every call of the [`Arbiter`] returns
-    /// within `request_timeout`, whatever the endpoints do. Nothing is sent before
+    /// within `request_timeout` (plus the few milliseconds the client needs to notice it; 30 ms
+    /// measured), whatever the endpoints do. Nothing is sent before
     /// [`open_session`](Arbiter::open_session) or another call.
     ///
     /// # Panics
