@@ -12,7 +12,7 @@
 //! (default 4) keepalive-bound runs at a time. Short runs (kill, heartbeat) go one at a time so
 //! that their sub-millisecond figures are not measuring the other runs' setup.
 //! Prints a table and writes `target/bench-detection.json` (or `$CARGO_TARGET_DIR/...`).
-//! Needs root; prints `SKIPPED: <why>` otherwise.
+//! Needs root; prints `SKIPPED: <why>` otherwise (and fails under `CI=true`).
 //!
 //! Goals: kill → takeover p99 ≤ 1 ms; silent failures ≤ bound + 100 ms and never early (before
 //! `intvl × cnt` after the fault: the last ACK came less than `idle` before it); heartbeat
@@ -30,7 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netns::{print_skip, run_scenario, Config, Hosts, Outcome, Scenario};
+use common::skip;
+use netns::{run_scenario, Config, Hosts, Outcome, Scenario};
 use serde_json::json;
 
 const KEEPALIVES: [&str; 2] = ["1:1:3", "2:1:2"];
@@ -182,11 +183,11 @@ fn main() {
         std::env::set_var("RUST_LOG", "error");
     }
     let iptables = match Hosts::new("bench-probe") {
-        Err(why) => return print_skip(&why),
+        Err(why) => return skip(&why),
         Ok(h) => h.iptables_usable(),
     };
     if let Err(why) = &iptables {
-        print_skip(&format!("partition scenarios: {why}"));
+        skip(&format!("partition scenarios: {why}"));
     }
 
     let mut quick = Vec::new();

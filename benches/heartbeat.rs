@@ -21,7 +21,7 @@ use vmm_takeover_core::{
     BackupConfig, BackupMonitor, BackupNotice, SourceConfig, SourceListener, SourceNotice,
 };
 
-use common::{start_source, Proc, EVENT_TIMEOUT};
+use common::{skip, start_source, Proc, EVENT_TIMEOUT};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -233,7 +233,7 @@ fn ensure_stress_ng() -> bool {
 
 fn stress(pairs: usize, secs: u64) -> Value {
     if !ensure_stress_ng() {
-        println!("SKIPPED: stress-ng is not installed and could not be installed");
+        skip("stress-ng is not installed and could not be installed");
         return json!({"skipped": "no stress-ng"});
     }
     let mut sources = Vec::new();

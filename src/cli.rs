@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Command-line flags. The contract here is relied on by tests and users.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -82,8 +82,10 @@ impl KeepaliveArgs {
 /// `vmm-takeover source`.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// Address to listen on, e.g. `127.0.0.1:7070` (port 0 picks one; see the `listening` event).
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, `HOST:PORT`: `127.0.0.1:7070`, `[::1]:7070` or `localhost:7070`
+    /// (a name is resolved now; the first address it resolves to is used). Port 0 picks one; see
+    /// the `listening` event.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub listen: SocketAddr,
     /// The VM pair id (1..=64 of A-Z a-z 0-9 . _ -); backups must present the same.
     #[arg(long, value_name = "ID", value_parser = parse_pair_id)]
@@ -108,8 +110,9 @@ pub struct SourceArgs {
 /// `vmm-takeover backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// The source's heartbeat address, e.g. `127.0.0.1:7070`.
-    #[arg(long, value_name = "ADDR")]
+    /// The source's heartbeat address, `HOST:PORT`: `127.0.0.1:7070`, `[::1]:7070` or
+    /// `localhost:7070` (a name is resolved now; the first address it resolves to is used).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub connect: SocketAddr,
     /// The VM pair id; must match the source's.
     #[arg(long, value_name = "ID", value_parser = parse_pair_id)]
@@ -134,6 +137,51 @@ pub struct BackupArgs {
     /// On takeover, send QMP `cont` to this QEMU socket and wait for `running`.
     #[arg(long, value_name = "PATH", group = "hook")]
     pub qmp: Option<PathBuf>,
+}
+
+const HOST_PORT: &str = "HOST:PORT, e.g. 127.0.0.1:7070 or localhost:7070";
+
+/// `HOST:PORT` with an IP literal or a host name, resolved here (once, at start): the link then
+/// always uses one fixed address, and a bad name fails at once with exit 2 like any bad flag.
+fn parse_host_port(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("{s:?} has no port; expected {HOST_PORT}"));
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host; expected {HOST_PORT}"));
+    }
+    if host.contains(':') && !s.starts_with('[') {
+        return Err(format!(
+            "{s:?}: an IPv6 address needs brackets, as in [::1]:7070; expected {HOST_PORT}"
+        ));
+    }
+    if port.is_empty() {
+        return Err(format!("{s:?} has no port; expected {HOST_PORT}"));
+    }
+    let port: u16 = port.parse().map_err(|_| {
+        format!("{s:?}: the port must be a number in 0..=65535; expected {HOST_PORT}")
+    })?;
+    let mut addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host:?} in {s:?}: {e}; expected {HOST_PORT}"))?;
+    let first = addrs
+        .next()
+        .ok_or_else(|| format!("{host:?} in {s:?} resolves to no address; expected {HOST_PORT}"))?;
+    let rest = addrs.count();
+    if rest > 0 {
+        log::info!(
+            "{s} resolves to {} addresses; using the first, {first}",
+            rest + 1
+        );
+    }
+    Ok(first)
 }
 
 fn parse_pair_id(s: &str) -> Result<String, String> {
@@ -172,4 +220,38 @@ fn parse_heartbeat(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_literals_pass_through_and_names_resolve() {
+        for s in ["127.0.0.1:7070", "[::1]:7070", "0.0.0.0:0"] {
+            assert_eq!(
+                parse_host_port(s).unwrap(),
+                s.parse::<SocketAddr>().unwrap()
+            );
+        }
+        let a = parse_host_port("localhost:7070").unwrap();
+        assert!(a.ip().is_loopback() && a.port() == 7070, "{a}");
+    }
+
+    #[test]
+    fn bad_addresses_name_the_value_and_the_form() {
+        for s in [
+            "",
+            "7070",
+            "localhost",
+            ":7070",
+            "::1:7070",
+            "localhost:x",
+            "a.invalid:1",
+        ] {
+            let e = parse_host_port(s).unwrap_err();
+            assert!(e.contains(&format!("{s:?}")), "{s:?}: {e}");
+            assert!(e.ends_with(HOST_PORT), "{s:?}: {e}");
+        }
+    }
 }

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Machine-readable lifecycle events: one JSON object per line on stdout.
 
-use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
+
+use crate::output;
 
 /// Microseconds since the Unix epoch.
 pub fn unix_us(t: SystemTime) -> u64 {
@@ -13,16 +14,23 @@ pub fn unix_us(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// Prints `{"event": name, "at_unix_us": now, ...fields}` as one line and flushes it, so a
-/// supervisor reading a pipe sees each event as it happens.
-pub fn emit(name: &str, fields: Value) {
+/// `{"event": name, "at_unix_us": now, ...fields}` as one line, with its `\n`.
+pub fn line(name: &str, fields: Value) -> String {
     let mut obj = Map::new();
     obj.insert("event".into(), Value::from(name));
     obj.insert("at_unix_us".into(), Value::from(unix_us(SystemTime::now())));
     if let Value::Object(f) = fields {
         obj.extend(f);
     }
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", Value::Object(obj));
-    let _ = out.flush();
+    let mut l = Value::Object(obj).to_string();
+    l.push('\n');
+    l
+}
+
+/// Prints `{"event": name, "at_unix_us": now, ...fields}` as one line. Called from the event
+/// loop, so it only queues the line: a writer thread prints it (see [`output`]). If stdout has
+/// not been read for a while and the queue is full, the line is dropped and counted, and an
+/// `events-dropped` event with the count follows once stdout is writable again.
+pub fn emit(name: &str, fields: Value) {
+    output::stdout_line(line(name, fields));
 }

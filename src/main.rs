@@ -9,6 +9,7 @@ mod demo;
 mod events;
 mod guest_report;
 mod hooks;
+mod output;
 mod signals;
 
 use std::cell::RefCell;
@@ -35,23 +36,23 @@ type Subscriber = Rc<RefCell<dyn MutEventSubscriber>>;
 const EXIT_HOOK_FAILED: u8 = 3;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp_micros()
-        .init();
+    output::init();
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Source(a) => run_source(a),
         Command::Backup(a) => run_backup(a),
         Command::Demo(a) => demo::run(a).map(|()| 0),
     };
-    match r {
+    let code = match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             error!("{e}");
             eprintln!("vmm-takeover: {e}");
             ExitCode::from(1)
         }
-    }
+    };
+    output::flush(output::EXIT_FLUSH);
+    code
 }
 
 /// The exit code an observer asks for. Shared with the observers, which must be `Send`.

@@ -22,7 +22,7 @@ fn bad_flags_exit_2_with_a_clear_message() {
         (&["source", "--pair-id", "a"], "--listen"),
         (
             &["source", "--listen", "nonsense", "--pair-id", "a"],
-            "invalid socket address",
+            "\"nonsense\" has no port; expected HOST:PORT, e.g. 127.0.0.1:7070 or localhost:7070",
         ),
         (
             &[
@@ -176,4 +176,89 @@ fn keepalive_off_and_an_explicit_user_timeout_read_back() {
     assert_eq!(k["enabled"], true, "{k}");
     assert_eq!(k["bound_ms"], 5_000, "{k}");
     assert_eq!(k["user_timeout_ms"], 2_500, "{k}");
+}
+
+#[test]
+fn a_host_name_works_end_to_end() {
+    let source = Proc::spawn(
+        "source",
+        &["source", "--listen", "localhost:0", "--pair-id", "vm-name"],
+    );
+    let addr: std::net::SocketAddr = source.wait_event("listening", EVENT_TIMEOUT)["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(addr.ip().is_loopback(), "{addr}");
+    let backup = start_backup(
+        "backup",
+        format!("localhost:{}", addr.port()),
+        "vm-name",
+        &[],
+    );
+    let armed = backup.wait_event("armed", EVENT_TIMEOUT);
+    // The name was resolved to the same (first) address on both sides.
+    assert_eq!(armed["peer"], addr.to_string(), "{armed}");
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+}
+
+#[test]
+fn an_unresolvable_name_or_a_missing_port_exits_2_naming_value_and_form() {
+    const FORM: &str = "expected HOST:PORT, e.g. 127.0.0.1:7070 or localhost:7070";
+    let cases: &[(&[&str], &str)] = &[
+        (
+            // `.invalid` never resolves (RFC 6761).
+            &[
+                "backup",
+                "--connect",
+                "no-such-host.invalid:7070",
+                "--pair-id",
+                "a",
+            ],
+            "cannot resolve \"no-such-host.invalid\" in \"no-such-host.invalid:7070\"",
+        ),
+        (
+            &[
+                "source",
+                "--listen",
+                "no-such-host.invalid:0",
+                "--pair-id",
+                "a",
+            ],
+            "cannot resolve \"no-such-host.invalid\"",
+        ),
+        (
+            &["backup", "--connect", "localhost", "--pair-id", "a"],
+            "\"localhost\" has no port",
+        ),
+        (
+            &["source", "--listen", "localhost:", "--pair-id", "a"],
+            "\"localhost:\" has no port",
+        ),
+        (
+            &["backup", "--connect", "localhost:70000", "--pair-id", "a"],
+            "the port must be a number in 0..=65535",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: stderr lacks {want:?}: {err}");
+        assert!(err.contains(FORM), "{args:?}: stderr lacks {FORM:?}: {err}");
+    }
+}
+
+#[test]
+fn a_bad_output_backlog_exits_2_naming_what_is_allowed() {
+    let out = Command::new(bin())
+        .args(["source", "--listen", "127.0.0.1:0", "--pair-id", "a"])
+        .env("VMM_TAKEOVER_OUTPUT_BACKLOG", "lots")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("VMM_TAKEOVER_OUTPUT_BACKLOG=\"lots\"") && err.contains("1..=1048576"),
+        "{err}"
+    );
 }

@@ -54,8 +54,7 @@ fn failing_hook_exits_3() {
 #[test]
 fn ipv6_loopback_link_works_end_to_end() {
     if std::net::TcpListener::bind("[::1]:0").is_err() {
-        println!("SKIPPED: no IPv6 loopback on this machine");
-        eprintln!("SKIPPED: no IPv6 loopback on this machine");
+        skip("no IPv6 loopback on this machine");
         return;
     }
     let source = Proc::spawn(

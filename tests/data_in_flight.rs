@@ -8,7 +8,8 @@
 //! the default `--user-timeout auto` (= the keepalive bound) the source reports `backup-lost`
 //! within the bound.
 //!
-//! Needs root (network namespaces); otherwise each test prints `SKIPPED: <why>` and returns.
+//! Needs root (network namespaces); otherwise each test prints `SKIPPED: <why>` and returns
+//! (and fails under `CI=true`).
 //! The two tests share nothing and run in parallel.
 
 mod common;
@@ -30,7 +31,7 @@ fn cut_backup(tag: &str, source_flags: &[&str]) -> Option<(Pair, FaultTime)> {
     let pair = match Pair::start(tag, &cfg) {
         Ok(p) => p,
         Err(why) => {
-            print_skip(&why);
+            skip(&why);
             return None;
         }
     };

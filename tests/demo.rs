@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::bin;
+use common::{bin, skip};
 
 fn demo(fault: &str) -> String {
     let out = Command::new(bin())
@@ -56,8 +56,7 @@ fn demo_without_kvm_falls_back_to_a_labelled_simulation() {
         .args(["-m", "sh", "-c", "mount --bind /dev/null /dev/kvm"])
         .status();
     if !probe.is_ok_and(|s| s.success()) {
-        println!("SKIPPED: cannot hide /dev/kvm (needs root and unshare -m)");
-        eprintln!("SKIPPED: cannot hide /dev/kvm (needs root and unshare -m)");
+        skip("cannot hide /dev/kvm (needs root and unshare -m)");
         return;
     }
     let script = format!(

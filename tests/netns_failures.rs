@@ -3,7 +3,8 @@
 //! pair, the real binary on each side, faults made with `ip link`, `iptables`, namespace
 //! deletion and signals. Keepalive `1:1:3` (bound 4 s) keeps them short.
 //!
-//! Needs root (network namespaces); otherwise each test prints `SKIPPED: <why>` and returns.
+//! Needs root (network namespaces); otherwise each test prints `SKIPPED: <why>` and returns
+//! (and fails under `CI=true`).
 
 mod common;
 #[path = "common/netns.rs"]
@@ -41,7 +42,7 @@ fn pair_or_skip(tag: &str, cfg: &Config) -> Option<Pair> {
     match Pair::start(tag, cfg) {
         Ok(p) => Some(p),
         Err(why) => {
-            print_skip(&why);
+            skip(&why);
             None
         }
     }

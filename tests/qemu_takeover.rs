@@ -7,11 +7,6 @@ mod common;
 use common::*;
 use vmm_takeover_guest::{QemuError, QemuProcess, QmpVm};
 
-fn skip(why: impl std::fmt::Display) {
-    println!("SKIPPED: {why}");
-    eprintln!("SKIPPED: {why}");
-}
-
 /// A paused QEMU, or `None` (with a SKIPPED line) where QEMU or KVM is missing.
 fn qemu() -> Option<QemuProcess> {
     if !std::path::Path::new("/dev/kvm").exists() {

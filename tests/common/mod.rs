@@ -4,8 +4,10 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -44,64 +46,252 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Says why a test or bench cannot run on this machine; the caller then returns. Prints
+/// `SKIPPED: why` on stdout and stderr (so it shows with and without `--nocapture`). In CI
+/// (`CI=true`) everything the tests need is installed, so a skip there means something is
+/// broken: it panics, and green keeps meaning "it ran".
+pub fn skip(why: &str) {
+    println!("SKIPPED: {why}");
+    eprintln!("SKIPPED: {why}");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("SKIPPED in CI (CI=true), where everything the tests need is installed: {why}");
+    }
+}
+
+/// One of a child's output pipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pipe {
+    Stdout,
+    Stderr,
+}
+
+/// How [`Proc::spawn_opts`] starts the binary. Builder-style; the default is what
+/// [`Proc::spawn`] does: stdout piped, stderr inherited, `RUST_LOG=info` unless set.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnOpts {
+    prefix: Vec<String>,
+    env: Vec<(String, String)>,
+    pipe_stderr: bool,
+    pipe_size: Option<usize>,
+}
+
+impl SpawnOpts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs the binary through `prefix` (e.g. `ip netns exec NS`).
+    pub fn prefix(mut self, prefix: &[&str]) -> Self {
+        self.prefix = prefix.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    /// Sets an environment variable for the child (overrides the `RUST_LOG` default too).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Pipes stderr too, keeping its lines (see [`Proc::stderr_lines`]) and echoing them.
+    pub fn pipe_stderr(mut self) -> Self {
+        self.pipe_stderr = true;
+        self
+    }
+
+    /// Sets the capacity of the child's output pipes (`F_SETPIPE_SZ`; the kernel rounds up to
+    /// a page), so a test that stops reading sees them fill quickly.
+    pub fn pipe_size(mut self, bytes: usize) -> Self {
+        self.pipe_size = Some(bytes);
+        self
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     events: VecDeque<Value>,
     all: Vec<Value>,
+    /// Stdout lines that were not JSON objects.
+    bad: Vec<String>,
     closed: bool,
+    stderr: Vec<String>,
+    stderr_closed: bool,
+}
+
+type SharedRef = Arc<(Mutex<Shared>, Condvar)>;
+
+/// Lets a reader thread read, or holds it before its next read.
+#[derive(Default)]
+struct Gate {
+    paused: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn set(&self, paused: bool) {
+        *self.paused.lock().unwrap() = paused;
+        self.cv.notify_all();
+    }
+
+    fn wait_open(&self) {
+        let mut p = self.paused.lock().unwrap();
+        while *p {
+            p = self.cv.wait(p).unwrap();
+        }
+    }
+}
+
+/// The test's end of one of the child's output pipes.
+struct PipeEnd {
+    file: Arc<File>,
+    gate: Arc<Gate>,
+    size: usize,
+}
+
+/// A pipe whose write end goes to the child; `O_CLOEXEC` so no other child inherits it.
+fn make_pipe(size: Option<usize>) -> (File, OwnedFd, usize) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we then own.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just returned by pipe2 and are owned by nobody else.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let size = match size {
+        // SAFETY: fcntl on a pipe fd we own.
+        Some(want) => unsafe { libc::fcntl(rd.as_raw_fd(), libc::F_SETPIPE_SZ, want as i32) },
+        // SAFETY: as above.
+        None => unsafe { libc::fcntl(rd.as_raw_fd(), libc::F_GETPIPE_SZ) },
+    };
+    assert!(
+        size > 0,
+        "F_SETPIPE_SZ/F_GETPIPE_SZ: {}",
+        std::io::Error::last_os_error()
+    );
+    (File::from(rd), wr, size as usize)
+}
+
+/// Reads `file` line by line (waiting at `gate` before each line) and hands each to `each`.
+fn read_lines(file: Arc<File>, gate: Arc<Gate>, mut each: impl FnMut(String)) {
+    let mut r = BufReader::new(&*file);
+    let mut buf = Vec::new();
+    loop {
+        gate.wait_open();
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        }
+        each(String::from_utf8_lossy(&buf).into_owned());
+    }
 }
 
 /// A running `vmm-takeover` process. Killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     pub name: String,
     child: Child,
-    shared: Arc<(Mutex<Shared>, Condvar)>,
+    shared: SharedRef,
     status: Option<ExitStatus>,
+    stdout: PipeEnd,
+    stderr: Option<PipeEnd>,
 }
 
 impl Proc {
     /// Spawns `vmm-takeover ARGS...` through an optional prefix (e.g. `ip netns exec NS`).
     pub fn spawn_with_prefix(name: &str, prefix: &[&str], args: &[&str]) -> Proc {
-        let mut cmd = if prefix.is_empty() {
+        Self::spawn_opts(name, args, SpawnOpts::new().prefix(prefix))
+    }
+
+    /// Spawns `vmm-takeover ARGS...` as `opts` says.
+    pub fn spawn_opts(name: &str, args: &[&str], opts: SpawnOpts) -> Proc {
+        let mut cmd = if opts.prefix.is_empty() {
             Command::new(bin())
         } else {
-            let mut c = Command::new(prefix[0]);
-            c.args(&prefix[1..]).arg(bin());
+            let mut c = Command::new(&opts.prefix[0]);
+            c.args(&opts.prefix[1..]).arg(bin());
             c
         };
+        let (out_rd, out_wr, out_size) = make_pipe(opts.pipe_size);
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::from(out_wr));
+        let mut err_rd = None;
+        if opts.pipe_stderr {
+            let (rd, wr, size) = make_pipe(opts.pipe_size);
+            cmd.stderr(Stdio::from(wr));
+            err_rd = Some((rd, size));
+        } else {
+            cmd.stderr(Stdio::inherit());
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let out = child.stdout.take().unwrap();
-        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
-        let sh = shared.clone();
-        let tag = name.to_string();
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        // The Command holds our copy of the write ends: close them, or EOF never comes.
+        drop(cmd);
+        let shared: SharedRef = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+
+        let stdout = PipeEnd {
+            file: Arc::new(out_rd),
+            gate: Arc::default(),
+            size: out_size,
+        };
+        let (sh, tag) = (shared.clone(), name.to_string());
+        let (file, gate) = (stdout.file.clone(), stdout.gate.clone());
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("{tag}: stdout line is not JSON ({e}): {line}"));
+            read_lines(file, gate, |line| {
                 eprintln!("[{tag}] {line}");
                 let (m, c) = &*sh;
                 let mut s = m.lock().unwrap();
-                s.events.push_back(v.clone());
-                s.all.push(v);
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) if v.is_object() => {
+                        s.events.push_back(v.clone());
+                        s.all.push(v);
+                    }
+                    _ => {
+                        eprintln!("[{tag}] ^ stdout line is not a JSON object");
+                        s.bad.push(line);
+                    }
+                }
                 c.notify_all();
-            }
+            });
             let (m, c) = &*sh;
             m.lock().unwrap().closed = true;
             c.notify_all();
+        });
+
+        let stderr = err_rd.map(|(rd, size)| {
+            let end = PipeEnd {
+                file: Arc::new(rd),
+                gate: Arc::default(),
+                size,
+            };
+            let (sh, tag) = (shared.clone(), name.to_string());
+            let (file, gate) = (end.file.clone(), end.gate.clone());
+            std::thread::spawn(move || {
+                read_lines(file, gate, |line| {
+                    eprintln!("[{tag} stderr] {line}");
+                    let (m, c) = &*sh;
+                    m.lock().unwrap().stderr.push(line);
+                    c.notify_all();
+                });
+                let (m, c) = &*sh;
+                m.lock().unwrap().stderr_closed = true;
+                c.notify_all();
+            });
+            end
         });
         Proc {
             name: name.to_string(),
             child,
             shared,
             status: None,
+            stdout,
+            stderr,
         }
     }
 
@@ -132,6 +322,12 @@ impl Proc {
         let (m, c) = &*self.shared;
         let mut s = m.lock().unwrap();
         loop {
+            assert!(
+                s.bad.is_empty(),
+                "{}: stdout lines that are not JSON objects: {:?}",
+                self.name,
+                s.bad
+            );
             while let Some(v) = s.events.pop_front() {
                 if v["event"] == name {
                     return Some(v);
@@ -166,6 +362,70 @@ impl Proc {
             .count()
     }
 
+    /// Stdout lines that were not JSON objects (every line must be one).
+    pub fn non_json_lines(&self) -> Vec<String> {
+        self.shared.0.lock().unwrap().bad.clone()
+    }
+
+    /// Every stderr line read so far (only with [`SpawnOpts::pipe_stderr`]).
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.shared.0.lock().unwrap().stderr.clone()
+    }
+
+    /// Waits for a stderr line containing `needle` (any seen so far counts), up to `timeout`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> Option<String> {
+        assert!(self.stderr.is_some(), "{}: stderr is not piped", self.name);
+        let deadline = Instant::now() + timeout;
+        let (m, c) = &*self.shared;
+        let mut s = m.lock().unwrap();
+        loop {
+            if let Some(l) = s.stderr.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            if s.stderr_closed {
+                return None;
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            s = c.wait_timeout(s, left).unwrap().0;
+        }
+    }
+
+    fn pipe_end(&self, pipe: Pipe) -> &PipeEnd {
+        match pipe {
+            Pipe::Stdout => &self.stdout,
+            Pipe::Stderr => self
+                .stderr
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: stderr is not piped", self.name)),
+        }
+    }
+
+    /// Stops reading `pipe` (before the next line): the child's writes then fill the pipe and
+    /// block, as with a supervisor that stopped reading. A read already under way completes.
+    pub fn pause(&self, pipe: Pipe) {
+        self.pipe_end(pipe).gate.set(true);
+    }
+
+    /// Reads `pipe` again.
+    pub fn resume(&self, pipe: Pipe) {
+        self.pipe_end(pipe).gate.set(false);
+    }
+
+    /// Bytes written by the child into `pipe` and not read yet (`FIONREAD`).
+    pub fn pipe_pending(&self, pipe: Pipe) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int for a pipe fd we own.
+        let r =
+            unsafe { libc::ioctl(self.pipe_end(pipe).file.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        n as usize
+    }
+
+    /// The capacity of `pipe` in bytes.
+    pub fn pipe_capacity(&self, pipe: Pipe) -> usize {
+        self.pipe_end(pipe).size
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
@@ -182,10 +442,15 @@ impl Proc {
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 self.status = Some(s);
-                // Let the reader thread drain what the process printed before it exited.
+                // Let the reader threads drain what the process printed before it exited.
+                self.resume(Pipe::Stdout);
+                if self.stderr.is_some() {
+                    self.resume(Pipe::Stderr);
+                }
+                let piped_stderr = self.stderr.is_some();
                 let (m, c) = &*self.shared;
                 let mut g = m.lock().unwrap();
-                while !g.closed {
+                while !g.closed || (piped_stderr && !g.stderr_closed) {
                     g = c.wait_timeout(g, Duration::from_secs(5)).unwrap().0;
                 }
                 return s;
@@ -211,6 +476,11 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Let paused readers run to EOF and end.
+        self.stdout.gate.set(false);
+        if let Some(e) = &self.stderr {
+            e.gate.set(false);
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{hook_lines, now_us, record_hook, Proc, TempDir, EVENT_TIMEOUT};
+use crate::common::{hook_lines, now_us, record_hook, skip, Proc, TempDir, EVENT_TIMEOUT};
 
 /// The source host's address on the link.
 pub const SRC_IP: &str = "10.213.0.1";
@@ -61,12 +61,6 @@ pub fn run(prog: &str, args: &[&str]) -> Result<String, String> {
 
 fn ip(args: &[&str]) -> Result<String, String> {
     run("ip", args)
-}
-
-/// Prints the skip line on both streams (so it shows with and without `--nocapture`).
-pub fn print_skip(why: &str) {
-    println!("SKIPPED: {why}");
-    eprintln!("SKIPPED: {why}");
 }
 
 /// Wall-clock bounds of a fault: it happened at some instant in `before_us..=after_us`.
@@ -785,13 +779,13 @@ pub fn run_scenario(
     let mut pair = match Pair::start(tag, cfg) {
         Ok(p) => p,
         Err(why) => {
-            print_skip(&why);
+            skip(&why);
             return Ok(None);
         }
     };
     if scenario.needs_iptables() {
         if let Err(why) = pair.hosts.iptables_usable() {
-            print_skip(&why);
+            skip(&why);
             return Ok(None);
         }
     }
