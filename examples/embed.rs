@@ -13,21 +13,49 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_takeover_core::{
     BackupConfig, BackupMonitor, BackupNotice, HookError, SourceConfig, SourceListener,
-    SourceNotice, TakeoverRecord,
+    SourceNotice, TakeoverRecord, VmPause,
 };
+
+/// The source VMM's guest, as far as a handoff is concerned: pause it, and resume it if the
+/// backup fails to start its copy.
+struct LocalGuest;
+
+impl VmPause for LocalGuest {
+    fn vm_pause(&mut self) -> Result<(), HookError> {
+        println!("vm_pause: vCPUs parked");
+        Ok(())
+    }
+    fn vm_resume(&mut self) -> Result<(), HookError> {
+        println!("vm_resume: vCPUs running again");
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "local guest".into()
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new()
         .map_err(|e| format!("event manager: {e:?}"))?;
 
-    // Source VMM: listen for backups.
+    // Source VMM: listen for backups. Its handle is what an API thread keeps: calls through it
+    // are carried out on the loop.
     let cfg = SourceConfig::new("127.0.0.1:0".parse()?, "vm-1");
-    let source = Arc::new(Mutex::new(SourceListener::new(
+    let handed_off = Arc::new(AtomicBool::new(false));
+    let h = handed_off.clone();
+    let mut source = SourceListener::new(
         cfg,
-        Box::new(|n: &SourceNotice| println!("source: {n:?}")),
-    )?));
-    let addr = source.lock().unwrap().local_addr();
-    em.add_subscriber(source.clone());
+        Box::new(move |n: &SourceNotice| {
+            println!("source: {n:?}");
+            if let SourceNotice::HandoffComplete { .. } = n {
+                h.store(true, Ordering::Relaxed);
+            }
+        }),
+    )?;
+    source.set_pause_hook(Box::new(LocalGuest));
+    let addr = source.local_addr();
+    let source_api = source.handle();
+    em.add_subscriber(Arc::new(Mutex::new(source)));
 
     // Backup VMM: the hook resumes the standby guest. It runs on its own thread, at most once.
     let hook = |r: &TakeoverRecord| -> Result<(), HookError> {
@@ -35,17 +63,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     };
     let armed = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let (a, d) = (armed.clone(), done.clone());
+    let a = armed.clone();
     let backup = BackupMonitor::new(
         BackupConfig::new(addr, "vm-1"),
         Box::new(hook),
         Box::new(move |n: &BackupNotice| {
             println!("backup: {n:?}");
-            match n {
-                BackupNotice::Armed { .. } => a.store(true, Ordering::Relaxed),
-                BackupNotice::HookFinished { .. } => d.store(true, Ordering::Relaxed),
-                _ => {}
+            if let BackupNotice::Armed { .. } = n {
+                a.store(true, Ordering::Relaxed);
             }
         }),
     )?;
@@ -55,12 +80,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         em.run_with_timeout(1000)
             .map_err(|e| format!("loop: {e:?}"))?;
     }
-    // Planned switchover: pause the local guest first (not shown), then hand off.
-    println!(
-        "handing off to {} backup(s)",
-        source.lock().unwrap().handoff()
-    );
-    while !done.load(Ordering::Relaxed) {
+    // Planned switchover: pause (off the loop), HANDOFF, the backup's vm_start, its report.
+    source_api.begin_handoff();
+    while !handed_off.load(Ordering::Relaxed) {
         em.run_with_timeout(1000)
             .map_err(|e| format!("loop: {e:?}"))?;
     }

@@ -59,24 +59,13 @@ pub struct DemoArgs {
     pub fault: Fault,
 }
 
-/// Keepalive flags shared by both sides.
+/// Keepalive flag shared by both sides.
 #[derive(Debug, Args, Clone)]
 pub struct KeepaliveArgs {
     /// Keepalive spec in nginx's so_keepalive syntax: `on`, `off` or `IDLE:INTVL:CNT` (any part
     /// may be empty = system default; durations in whole seconds, units s/m/h).
     #[arg(long, value_name = "SPEC", default_value = "1:1:5", value_parser = parse_keepalive)]
     pub keepalive: KeepaliveSpec,
-    /// TCP_USER_TIMEOUT: `auto` (= idle + intvl × cnt), `off` (kernel default, ~15 min with
-    /// unacknowledged data) or a duration such as `3s` or `500ms`.
-    #[arg(long, value_name = "auto|off|DURATION", default_value = "auto", value_parser = parse_user_timeout)]
-    pub user_timeout: UserTimeout,
-}
-
-impl KeepaliveArgs {
-    /// The spec with the user-timeout policy folded in.
-    pub fn spec(&self) -> KeepaliveSpec {
-        self.keepalive.with_user_timeout(self.user_timeout)
-    }
 }
 
 /// `vmm-takeover source`.
@@ -92,19 +81,35 @@ pub struct SourceArgs {
     pub pair_id: String,
     #[command(flatten)]
     pub keepalive: KeepaliveArgs,
+    /// TCP_USER_TIMEOUT of the backups' connections: `auto` (= the keepalive bound), `off`
+    /// (kernel default, ~15 min with unacknowledged data) or a duration such as `3s`. Lifted
+    /// while a backup does not read, so a live but stalled backup is never cut off.
+    #[arg(long, value_name = "auto|off|DURATION", default_value = "auto", value_parser = parse_user_timeout)]
+    pub user_timeout: UserTimeout,
     /// Send a HEARTBEAT from the event loop at this interval (e.g. `10ms`); detects a hung VMM.
     #[arg(long, value_name = "DURATION", value_parser = parse_heartbeat)]
     pub heartbeat: Option<Duration>,
     /// On SIGUSR1, run this through `sh -c` to pause the local guest before HANDOFF.
     #[arg(long, value_name = "CMD", conflicts_with = "qmp")]
     pub on_handoff: Option<String>,
-    /// On SIGUSR1, send QMP `stop` to this QEMU socket before HANDOFF.
+    /// With --on-handoff: run this through `sh -c` to resume the local guest when the handoff
+    /// fails before the backup's copy runs.
+    #[arg(long, value_name = "CMD", requires = "on_handoff")]
+    pub on_resume: Option<String>,
+    /// On SIGUSR1, send QMP `stop` to this QEMU socket before HANDOFF (`cont` if it fails).
     #[arg(long, value_name = "PATH", conflicts_with = "vm")]
     pub qmp: Option<PathBuf>,
     /// Run a built-in guest in this process (started now, paused on SIGUSR1 before HANDOFF):
     /// `kvm-dummy` (a real KVM guest) or `simulated` (a counting thread, no KVM needed).
     #[arg(long, value_name = "KIND", conflicts_with = "on_handoff", value_parser = ["kvm-dummy", "simulated"])]
     pub vm: Option<String>,
+    /// The pause and resume hooks must return within this time.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    pub hook_timeout: Duration,
+    /// After HANDOFF, the backup must report whether its copy runs within this time; after it
+    /// the handoff is uncertain and the local guest stays paused (exit 6).
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_timeout)]
+    pub handoff_timeout: Duration,
 }
 
 /// `vmm-takeover backup`.
@@ -127,7 +132,12 @@ pub struct BackupArgs {
     /// probe timers can run up to ~200 ms past the bound.
     #[arg(long)]
     pub kernel_keepalive_only: bool,
-    /// On takeover, run this through `sh -c` (env: VMM_TAKEOVER_REASON, VMM_TAKEOVER_PAIR_ID).
+    /// Keep retrying when the source refuses this backup for a reason that cannot heal by
+    /// itself (wrong pair id, protocol version); by default the backup then exits 5.
+    #[arg(long)]
+    pub retry_rejected: bool,
+    /// On takeover, run this through `sh -c` (env: VMM_TAKEOVER_REASON, VMM_TAKEOVER_PAIR_ID,
+    /// VMM_TAKEOVER_ERRNO, VMM_TAKEOVER_EPOCH). Its output goes to stderr.
     #[arg(long, value_name = "CMD", group = "hook")]
     pub on_takeover: Option<String>,
     /// Hold a built-in paused standby guest in this process and resume it on takeover (the
@@ -137,6 +147,10 @@ pub struct BackupArgs {
     /// On takeover, send QMP `cont` to this QEMU socket and wait for `running`.
     #[arg(long, value_name = "PATH", group = "hook")]
     pub qmp: Option<PathBuf>,
+    /// `vm_start` must return within this time; after it the takeover is reported as
+    /// `hook-timeout` (exit 6) and the hook is aborted (a command's process group is killed).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    pub hook_timeout: Duration,
 }
 
 const HOST_PORT: &str = "HOST:PORT, e.g. 127.0.0.1:7070 or localhost:7070";
@@ -201,14 +215,19 @@ fn parse_user_timeout(s: &str) -> Result<UserTimeout, String> {
             let d = humantime::parse_duration(s).map_err(|e| {
                 format!("{s:?} is not auto, off or a duration like 3s or 500ms: {e}")
             })?;
-            if d.is_zero() || d.subsec_nanos() % 1_000_000 != 0 {
-                return Err(format!(
-                    "user timeout must be a positive whole number of milliseconds, got {s:?}"
-                ));
-            }
-            Ok(UserTimeout::Explicit(d))
+            UserTimeout::explicit(d).map_err(|e| e.to_string())
         }
     }
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 500ms or 30s: {e}"))?;
+    let max = Duration::from_secs(3600);
+    if d < Duration::from_millis(1) || d > max {
+        return Err(format!("a timeout must be 1ms..=1h, got {s:?}"));
+    }
+    Ok(d)
 }
 
 fn parse_heartbeat(s: &str) -> Result<Duration, String> {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Machine-readable lifecycle events: one JSON object per line on stdout.
 
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -14,11 +15,29 @@ pub fn unix_us(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// `{"event": name, "at_unix_us": now, ...fields}` as one line, with its `\n`.
+/// The version of the event schema (`docs/events.md`): grows when a field changes meaning or goes
+/// away; new events and new fields do not change it.
+pub const SCHEMA: u32 = 1;
+
+/// Who prints the events: every event carries them.
+static CONTEXT: OnceLock<(&'static str, String)> = OnceLock::new();
+
+/// Sets the role (`source`, `backup`) and pair id every later event carries. Once per process.
+pub fn set_context(role: &'static str, pair_id: &str) {
+    let _ = CONTEXT.set((role, pair_id.to_string()));
+}
+
+/// `{"event": name, "at_unix_us": now, "schema": 1, "role": …, "pair_id": …, ...fields}` as one
+/// line, with its `\n`.
 pub fn line(name: &str, fields: Value) -> String {
     let mut obj = Map::new();
     obj.insert("event".into(), Value::from(name));
     obj.insert("at_unix_us".into(), Value::from(unix_us(SystemTime::now())));
+    obj.insert("schema".into(), Value::from(SCHEMA));
+    if let Some((role, pair)) = CONTEXT.get() {
+        obj.insert("role".into(), Value::from(*role));
+        obj.insert("pair_id".into(), Value::from(pair.as_str()));
+    }
     if let Value::Object(f) = fields {
         obj.extend(f);
     }

@@ -7,7 +7,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::error;
 use serde_json::json;
 use vmm_sys_util::epoll::EventSet;
-use vmm_takeover_core::timer::Timer;
+use vmm_sys_util::timerfd::TimerFd;
 use vmm_takeover_guest::StandbyGuest;
 
 use crate::events::emit;
@@ -15,7 +15,7 @@ use crate::events::emit;
 /// Emits `{"event":"guest","kind":…,"running":…,"counter":…,"exits":…}` every `every`.
 pub struct GuestReport {
     guest: StandbyGuest,
-    timer: Timer,
+    timer: TimerFd,
     every: Duration,
 }
 
@@ -24,7 +24,7 @@ impl GuestReport {
     pub fn new(guest: StandbyGuest, every: Duration) -> std::io::Result<Self> {
         Ok(GuestReport {
             guest,
-            timer: Timer::new()?,
+            timer: TimerFd::new()?,
             every,
         })
     }
@@ -41,7 +41,9 @@ impl GuestReport {
 
 impl MutEventSubscriber for GuestReport {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = self.timer.arm(Duration::ZERO, Some(self.every)) {
+        // Periodic and never re-armed, so a readable event always has an expiration to read:
+        // the blocking `wait` below cannot block.
+        if let Err(e) = self.timer.reset(Duration::from_nanos(1), Some(self.every)) {
             error!("guest report timer: {e}");
         }
         if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
@@ -50,7 +52,7 @@ impl MutEventSubscriber for GuestReport {
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        if self.timer.expirations() > 0 {
+        if self.timer.wait().unwrap_or(0) > 0 {
             Self::report(&self.guest);
         }
     }

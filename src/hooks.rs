@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Builds the vm_start / pause hooks the flags ask for, from the guest backends crate.
 
+use std::time::Duration;
+
 use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
 use vmm_takeover_guest::{CommandHook, QmpVm, StandbyGuest};
 
@@ -23,13 +25,16 @@ pub fn local_guest(kind: Option<&str>) -> Result<Option<StandbyGuest>, String> {
 /// A hook, and the guest living in this process if `--vm` asked for one.
 type WithGuest<H> = (H, Option<StandbyGuest>);
 
-/// The backup's `vm_start` hook, and the local standby guest if `--vm` asked for one.
+/// The backup's `vm_start` hook, and the local standby guest if `--vm` asked for one. Hooks
+/// that can bound themselves get the same deadline as the core gives them, so that a hung
+/// command is killed, not only reported.
 pub fn start_hook(a: &BackupArgs) -> Result<WithGuest<Box<dyn VmStart>>, String> {
+    let t = a.hook_timeout;
     if let Some(cmd) = &a.on_takeover {
-        return Ok((Box::new(CommandHook::new(cmd.clone())), None));
+        return Ok((Box::new(command(cmd, t)), None));
     }
     if let Some(path) = &a.qmp {
-        return Ok((Box::new(QmpVm::new(path.clone())), None));
+        return Ok((Box::new(QmpVm::new(path.clone()).with_timeout(t)), None));
     }
     if let Some(guest) = local_guest(a.vm.as_deref())? {
         return Ok((Box::new(guest.clone()), Some(guest)));
@@ -43,14 +48,26 @@ pub fn start_hook(a: &BackupArgs) -> Result<WithGuest<Box<dyn VmStart>>, String>
     ))
 }
 
+fn command(cmd: &str, t: Duration) -> CommandHook {
+    CommandHook::new(cmd.to_string()).with_timeout(t)
+}
+
 /// The source's pause-before-handoff hook (`None`: hand off at once), and its running local guest
 /// if `--vm` asked for one.
 pub fn pause_hook(a: &SourceArgs) -> Result<WithGuest<Option<Box<dyn VmPause>>>, String> {
+    let t = a.hook_timeout;
     if let Some(cmd) = &a.on_handoff {
-        return Ok((Some(Box::new(CommandHook::new(cmd.clone()))), None));
+        let mut hook = command(cmd, t);
+        if let Some(resume) = &a.on_resume {
+            hook = hook.with_resume(resume.clone());
+        }
+        return Ok((Some(Box::new(hook)), None));
     }
     if let Some(path) = &a.qmp {
-        return Ok((Some(Box::new(QmpVm::new(path.clone()))), None));
+        return Ok((
+            Some(Box::new(QmpVm::new(path.clone()).with_timeout(t))),
+            None,
+        ));
     }
     if let Some(guest) = local_guest(a.vm.as_deref())? {
         // The source's guest is the primary: it runs from the start.

@@ -304,6 +304,11 @@ pub fn stdout_line(line: String) {
     output().stdout.push(line.into_bytes());
 }
 
+/// Queues one whole line (ending in `\n`) for stderr, beside the log lines.
+pub fn stderr_line(line: String) {
+    output().stderr.push(line.into_bytes());
+}
+
 /// Waits up to `timeout` until everything queued on stdout and stderr is written. True if all
 /// was; false if a pipe stayed full (the process may then exit with lines unwritten).
 pub fn flush(timeout: Duration) -> bool {

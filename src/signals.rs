@@ -17,6 +17,8 @@ pub enum SignalKind {
     Stop,
     /// SIGUSR1.
     Handoff,
+    /// SIGHUP: operators send it for reloads and log rotation; it must never cost a failover.
+    Hangup,
 }
 
 /// Subscriber that turns signals into calls of `on_signal` on the loop.
@@ -26,7 +28,7 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Installs handlers for SIGTERM, SIGINT (Stop) and SIGUSR1 (Handoff).
+    /// Installs handlers for SIGTERM, SIGINT (Stop), SIGUSR1 (Handoff) and SIGHUP (Hangup).
     pub fn install(on_signal: Box<dyn FnMut(SignalKind)>) -> io::Result<Signals> {
         let mut pipes = Vec::new();
         for (sigs, kind) in [
@@ -35,6 +37,7 @@ impl Signals {
                 SignalKind::Stop,
             ),
             (&[signal_hook::consts::SIGUSR1][..], SignalKind::Handoff),
+            (&[signal_hook::consts::SIGHUP][..], SignalKind::Hangup),
         ] {
             let (rx, tx) = UnixStream::pair()?;
             rx.set_nonblocking(true)?;

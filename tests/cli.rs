@@ -62,15 +62,67 @@ fn bad_flags_exit_2_with_a_clear_message() {
         ),
         (
             &[
-                "backup",
-                "--connect",
-                "127.0.0.1:1",
+                "source",
+                "--listen",
+                "127.0.0.1:0",
                 "--pair-id",
                 "a",
                 "--user-timeout",
                 "soon",
             ],
             "auto, off or a duration",
+        ),
+        // The kernel keeps TCP_USER_TIMEOUT as an int of milliseconds: 2^31 ms and more cannot be.
+        (
+            &[
+                "source",
+                "--listen",
+                "127.0.0.1:0",
+                "--pair-id",
+                "a",
+                "--user-timeout",
+                "30days",
+            ],
+            "2147483647",
+        ),
+        // The same limit reached through the automatic user timeout: refused at start (exit 2),
+        // not as a retry of every accepted connection.
+        (
+            &[
+                "source",
+                "--listen",
+                "127.0.0.1:0",
+                "--pair-id",
+                "a",
+                "--keepalive",
+                "32767:32767:127",
+            ],
+            "2147483647",
+        ),
+        // A backup sets no TCP_USER_TIMEOUT at all (its own kernel would cut a stalled link).
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--user-timeout",
+                "3s",
+            ],
+            "unexpected argument '--user-timeout'",
+        ),
+        (
+            &[
+                "backup",
+                "--connect",
+                "127.0.0.1:1",
+                "--pair-id",
+                "a",
+                "--hook-timeout",
+                "0s",
+            ],
+            "1ms..=1h",
         ),
         (
             &[
@@ -143,39 +195,43 @@ fn armed_event_reports_the_keepalive_read_back_from_the_socket() {
     assert_eq!(k["interval_s"], 2);
     assert_eq!(k["count"], 4);
     assert_eq!(k["bound_ms"], 11_000);
-    assert_eq!(k["user_timeout_ms"], 11_000);
+    // A backup sets no TCP_USER_TIMEOUT: its own kernel would cut the link while its loop stalls.
+    assert_eq!(k["user_timeout_ms"], serde_json::Value::Null);
     let joined = source.wait_event("backup-joined", EVENT_TIMEOUT);
     // The source applies its own (default 1:1:5) spec to its side of the link.
-    assert!(
-        joined["keepalive"].as_str().unwrap().contains("cnt=5"),
-        "{joined}"
-    );
+    assert_eq!(joined["keepalive"]["count"], 5, "{joined}");
+    assert_eq!(joined["keepalive"]["user_timeout_ms"], 6_000, "{joined}");
 }
 
+/// Settings that switch detection off are said loudly; a user timeout below the keepalive bound
+/// is reported as the bound the kernel applies (the next probe time after it, measured: 2:1:3
+/// with 2500 ms ends the connection at 3 s, not 5 s).
 #[test]
-fn keepalive_off_and_an_explicit_user_timeout_read_back() {
-    let (_source, addr) = start_source("source", "vm-ka2", &[]);
-    let off = start_backup(
-        "off",
-        addr,
+fn keepalive_off_warns_and_an_explicit_user_timeout_is_the_kernels_bound() {
+    let (source, addr) = start_source(
+        "source",
         "vm-ka2",
-        &["--keepalive", "off", "--user-timeout", "off"],
+        &["--keepalive", "2:1:3", "--user-timeout", "2500ms"],
     );
+    let off = start_backup("off", addr, "vm-ka2", &["--keepalive", "off"]);
     let k = off.wait_event("armed", EVENT_TIMEOUT)["keepalive"].clone();
     assert_eq!(k["enabled"], false, "{k}");
     assert_eq!(k["bound_ms"], serde_json::Value::Null, "{k}");
     assert_eq!(k["user_timeout_ms"], serde_json::Value::Null, "{k}");
+    let w = off.wait_event("warning", EVENT_TIMEOUT);
+    assert_eq!(w["what"], "no-detection", "{w}");
 
-    let ut = start_backup(
-        "ut",
-        addr,
-        "vm-ka2",
-        &["--keepalive", "2:1:3", "--user-timeout", "2500ms"],
-    );
-    let k = ut.wait_event("armed", EVENT_TIMEOUT)["keepalive"].clone();
+    let k = source.wait_event("backup-joined", EVENT_TIMEOUT)["keepalive"].clone();
     assert_eq!(k["enabled"], true, "{k}");
-    assert_eq!(k["bound_ms"], 5_000, "{k}");
     assert_eq!(k["user_timeout_ms"], 2_500, "{k}");
+    assert_eq!(k["bound_ms"], 3_000, "{k}");
+
+    // A source with no detection at all says so at start.
+    let (quiet, _) = start_source("quiet", "vm-ka3", &["--keepalive", "off"]);
+    assert_eq!(
+        quiet.wait_event("warning", EVENT_TIMEOUT)["what"],
+        "no-detection"
+    );
 }
 
 #[test]

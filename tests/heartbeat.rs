@@ -66,6 +66,7 @@ fn scripted_source(
         let _ = s.read(&mut buf);
         s.write_all(
             &Frame::Welcome {
+                node: String::new(),
                 heartbeat: Some(interval),
             }
             .encode(),
@@ -112,7 +113,7 @@ fn stopped_backup_reports_heartbeats_and_the_longest_gap() {
     backup.signal(libc::SIGTERM);
     let st = backup.wait_event("stopped", EVENT_TIMEOUT);
     assert!(backup.wait_exit(EVENT_TIMEOUT).success());
-    assert_eq!(st["state"], "Armed");
+    assert_eq!(st["armed"], true);
     assert_eq!(st["deadline_us"], 60_000);
     let n = st["heartbeats"].as_u64().unwrap();
     let gap = st["max_gap_us"].as_u64().unwrap();

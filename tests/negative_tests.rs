@@ -9,11 +9,12 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use vmm_takeover_core::protocol::{Frame, FrameReader};
+use vmm_takeover_core::protocol::{Frame, FrameReader, RejectCode};
 
 fn hello(pair: &str) -> Vec<u8> {
     Frame::Hello {
         pair_id: pair.into(),
+        node: String::new(),
         auth_tag: vec![],
     }
     .encode()
@@ -33,7 +34,7 @@ fn reject_reason(answer: &[u8]) -> String {
     let mut r = FrameReader::new();
     r.push(answer);
     match r.next_frame() {
-        Ok(Some(Frame::Reject { reason })) => reason,
+        Ok(Some(Frame::Reject { reason, .. })) => reason,
         other => panic!("expected REJECT, got {other:?} from {answer:02x?}"),
     }
 }
@@ -72,6 +73,11 @@ fn bad_clients_are_rejected_and_a_real_backup_keeps_working() {
         let answer = poke(&addr, &bytes);
         let reason = reject_reason(&answer);
         assert!(reason.contains(want), "{what}: REJECT says {reason:?}");
+        // A wrong client learns nothing about what the source serves.
+        assert!(
+            !reason.contains("vm-neg"),
+            "{what}: REJECT names the pair: {reason:?}"
+        );
         let ev = source.wait_event("backup-rejected", EVENT_TIMEOUT);
         assert!(ev["why"].as_str().unwrap().contains(want), "{what}: {ev}");
     }
@@ -141,8 +147,7 @@ where
         "retry reason {r} lacks {expect_in_why:?}"
     );
     // It keeps retrying against the same address.
-    let c = backup.wait_event("connecting", EVENT_TIMEOUT);
-    assert!(c["attempt"].as_u64().unwrap() >= 2);
+    backup.wait_event("retrying", EVENT_TIMEOUT);
     assert_eq!(server.join().unwrap(), 3);
     backup.signal(libc::SIGTERM);
     assert!(backup.wait_exit(EVENT_TIMEOUT).success());
@@ -162,17 +167,41 @@ fn fake_source_sending_garbage_never_causes_takeover() {
 }
 
 #[test]
-fn fake_source_rejecting_is_retried() {
+fn fake_source_rejecting_as_busy_is_retried() {
     run_against_fake(
         |_| {
             Frame::Reject {
+                code: RejectCode::Busy,
                 reason: "go away".into(),
             }
             .encode()
         },
-        "rejected by source: go away",
+        "rejected by the source (busy): go away",
         false,
     );
+}
+
+/// A wrong pair id cannot heal by waiting: the backup says so and exits 5 (unless asked to retry).
+#[test]
+fn a_wrong_pair_id_ends_the_backup_with_exit_5() {
+    let (source, addr) = start_source("source", "vm-right", &[]);
+    let mut backup = start_backup("backup", addr, "vm-wrong", &[]);
+    let r = backup.wait_event("rejected", EVENT_TIMEOUT);
+    assert!(
+        r["reason"].as_str().unwrap().contains("pair-mismatch"),
+        "{r}"
+    );
+    assert!(!r["reason"].as_str().unwrap().contains("vm-right"), "{r}");
+    assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(5));
+    assert_eq!(backup.count("takeover"), 0);
+    drop(source);
+
+    let (_source, addr) = start_source("source", "vm-right", &[]);
+    let mut backup = start_backup("backup", addr, "vm-wrong", &["--retry-rejected"]);
+    backup.wait_event("retrying", EVENT_TIMEOUT);
+    let again = backup.wait_event("retrying", EVENT_TIMEOUT);
+    assert!(again["attempt"].as_u64().unwrap() >= 2, "{again}");
+    assert!(backup.running());
 }
 
 #[test]
@@ -181,6 +210,7 @@ fn welcome_with_unsafe_heartbeat_interval_is_refused() {
         |_| {
             Frame::Welcome {
                 heartbeat: Some(Duration::ZERO),
+                node: String::new(),
             }
             .encode()
         },
@@ -193,7 +223,11 @@ fn welcome_with_unsafe_heartbeat_interval_is_refused() {
 fn armed_link_with_garbage_after_welcome_retries_not_takes_over() {
     run_against_fake(
         |_| {
-            let mut b = Frame::Welcome { heartbeat: None }.encode();
+            let mut b = Frame::Welcome {
+                heartbeat: None,
+                node: String::new(),
+            }
+            .encode();
             b.extend_from_slice(b"garbage");
             b
         },

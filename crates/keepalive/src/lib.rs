@@ -298,15 +298,35 @@ impl EffectiveKeepalive {
         sockopt::read_from(socket)
     }
 
-    /// Worst-case time for the kernel to notice an idle dead peer: `idle + interval × count`.
-    /// `None` when keepalive is off.
+    /// Worst-case time for the kernel to notice an idle dead peer, as Linux applies it. `None`
+    /// when keepalive is off.
+    ///
+    /// Without `TCP_USER_TIMEOUT` it is `idle + interval × count`. With one, the count is ignored:
+    /// the kernel checks the user timeout each time a probe timer fires (`tcp_keepalive_timer`),
+    /// and only once a probe is out, so the connection ends at the first probe time
+    /// `idle + k × interval` (k ≥ 1) that is at least the user timeout. With the automatic user
+    /// timeout (= `idle + interval × count`) both are the same.
     pub fn bound(&self) -> Option<Duration> {
+        if !self.enabled {
+            return None;
+        }
         // Saturating: values read from a socket are not range-checked.
-        self.enabled.then(|| {
+        let probes = match self.user_timeout {
+            None => self.count,
+            Some(ut) if ut <= self.idle || self.interval.is_zero() => 1,
+            Some(ut) => {
+                let after_idle = (ut - self.idle).as_nanos();
+                let step = self.interval.as_nanos();
+                u32::try_from(after_idle.div_ceil(step))
+                    .unwrap_or(u32::MAX)
+                    .max(1)
+            }
+        };
+        Some(
             self.interval
-                .saturating_mul(self.count)
-                .saturating_add(self.idle)
-        })
+                .saturating_mul(probes)
+                .saturating_add(self.idle),
+        )
     }
 }
 
@@ -452,6 +472,31 @@ mod tests {
             user_timeout: None,
         };
         assert_eq!(huge.bound(), Some(Duration::MAX));
+    }
+
+    /// A user timeout below (or above) the keepalive bound: the kernel ends the connection at the
+    /// first probe time at or after it, whatever the count says.
+    #[test]
+    fn bound_with_an_explicit_user_timeout_is_the_next_probe_time() {
+        let eff = |ut_ms: u64| EffectiveKeepalive {
+            enabled: true,
+            idle: secs(2),
+            interval: secs(1),
+            count: 3,
+            user_timeout: Some(Duration::from_millis(ut_ms)),
+        };
+        assert_eq!(eff(2500).bound(), Some(secs(3)));
+        assert_eq!(eff(3000).bound(), Some(secs(3)));
+        assert_eq!(eff(5000).bound(), Some(secs(5)));
+        // Never before the first probe is out.
+        assert_eq!(eff(500).bound(), Some(secs(3)));
+        // Above the count's bound: the count is ignored.
+        assert_eq!(eff(9000).bound(), Some(secs(9)));
+        let off = EffectiveKeepalive {
+            user_timeout: None,
+            ..eff(0)
+        };
+        assert_eq!(off.bound(), Some(secs(5)));
     }
 
     #[test]

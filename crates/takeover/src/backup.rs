@@ -207,8 +207,12 @@ pub enum BackupNotice<'a> {
     Stopped {
         /// Whether a running `vm_start` had to be aborted (its outcome is unknown).
         aborted_hook: bool,
+        /// Whether the link was armed when the stop came.
+        was_armed: bool,
         /// What the heartbeats looked like on the last armed link.
         heartbeats: HeartbeatStats,
+        /// The heartbeat deadline that was in force, in heartbeat mode.
+        deadline: Option<Duration>,
     },
 }
 
@@ -284,6 +288,8 @@ pub struct BackupMonitor {
     stats: HeartbeatStats,
     record: Option<TakeoverRecord>,
     last_errno: Option<i32>,
+    /// Whether the link was armed before the input being handled (for the stop report).
+    was_armed: bool,
 }
 
 /// Rate limit for reports of failed attempts.
@@ -324,6 +330,7 @@ impl BackupMonitor {
             stats: HeartbeatStats::default(),
             record: None,
             last_errno: None,
+            was_armed: false,
         })
     }
 
@@ -357,6 +364,7 @@ impl BackupMonitor {
     /// Feeds one input through the state machine and carries out its actions, in order.
     fn feed(&mut self, ops: &mut EventOps, input: Input, detail: &str) {
         let before = self.state;
+        self.was_armed = before.armed();
         let (next, actions) = machine::step(before, input, self.policy);
         if next != before {
             debug!("backup {before:?} + {input:?} -> {next:?} ({detail})");
@@ -493,7 +501,10 @@ impl BackupMonitor {
         if report {
             let suppressed = std::mem::take(&mut self.retries.suppressed);
             self.retries.last = Some(now);
-            info!("link to {}: {why}; next attempt in {delay:?}", self.cfg.connect);
+            info!(
+                "link to {}: {why}; next attempt in {delay:?}",
+                self.cfg.connect
+            );
             (self.observer)(&BackupNotice::Retrying {
                 why: why.to_string(),
                 delay,
@@ -502,7 +513,10 @@ impl BackupMonitor {
             });
         } else {
             self.retries.suppressed += 1;
-            debug!("link to {}: {why}; next attempt in {delay:?}", self.cfg.connect);
+            debug!(
+                "link to {}: {why}; next attempt in {delay:?}",
+                self.cfg.connect
+            );
         }
         let _ = self.timer.arm(delay, None);
     }
@@ -641,9 +655,12 @@ impl BackupMonitor {
             }
             Outcome::Stopped => {
                 let aborted_hook = self.record.is_some();
+                let deadline = self.deadline();
                 (self.observer)(&BackupNotice::Stopped {
                     aborted_hook,
+                    was_armed: self.was_armed,
                     heartbeats: self.stats,
+                    deadline,
                 });
             }
             // Only with an arbiter.
@@ -795,7 +812,8 @@ impl BackupMonitor {
                     (Input::RejectedTransient, Some(why))
                 }
             }
-            (Link::Up, Frame::Heartbeat { .. }) if self.heartbeat.is_some() => {
+            (Link::Up, Frame::Heartbeat { seq }) if self.heartbeat.is_some() => {
+                log::trace!("HEARTBEAT {seq}");
                 let now = Instant::now();
                 self.stats.record(now - self.last_rx);
                 self.last_rx = now;
@@ -805,7 +823,10 @@ impl BackupMonitor {
             (Link::Up, Frame::Handoff) => (Input::Handoff, Some("HANDOFF from source".into())),
             (Link::Up, Frame::Evict { reason }) => {
                 warn!("the source dropped this link: {reason}");
-                (Input::Evicted, Some(format!("evicted by the source: {reason}")))
+                (
+                    Input::Evicted,
+                    Some(format!("evicted by the source: {reason}")),
+                )
             }
             (Link::Handshaking, f) => {
                 bad(ProtocolError::Unexpected(f.name(), "during the handshake"))
@@ -971,22 +992,7 @@ impl BackupMonitor {
 /// How long the kernel has heard nothing on `sock`: the lesser of `TCP_INFO`'s time since the last
 /// data and since the last ACK received — the same quantity the kernel's keepalive timer uses.
 fn tcp_silence(sock: &Socket) -> io::Result<Duration> {
-    // SAFETY: tcp_info is plain old data; getsockopt writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid fd, a pointer to a properly sized buffer and its length.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let info = crate::tcp_info(sock)?;
     let ms = info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv);
     Ok(Duration::from_millis(ms as u64))
 }

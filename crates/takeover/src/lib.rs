@@ -43,6 +43,28 @@ pub(crate) fn tune_socket(
     sock.set_tcp_nodelay(true)
 }
 
+/// The kernel's `TCP_INFO` of a socket.
+pub(crate) fn tcp_info(sock: &socket2::Socket) -> std::io::Result<libc::tcp_info> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid fd, a pointer to a properly sized buffer and its length.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
 /// Applies `keepalive` to a scratch socket of `addr`'s family, so that a value the kernel refuses
 /// (a bound beyond what `TCP_USER_TIMEOUT` can hold, say) fails at start with the kernel's limit
 /// named, never as an endless retry.

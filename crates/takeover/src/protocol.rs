@@ -426,7 +426,10 @@ fn cut(text: &str, max: usize) -> &[u8] {
 /// Free text as received: UTF-8, at most [`MAX_DETAIL`] bytes.
 fn detail(bytes: &[u8]) -> Result<String, String> {
     if bytes.len() > MAX_DETAIL {
-        return Err(format!("text of {} bytes (at most {MAX_DETAIL})", bytes.len()));
+        return Err(format!(
+            "text of {} bytes (at most {MAX_DETAIL})",
+            bytes.len()
+        ));
     }
     std::str::from_utf8(bytes)
         .map(str::to_string)
@@ -754,7 +757,11 @@ mod tests {
             .run(
                 &(kinds, payload, any::<bool>(), 0u16..600),
                 |(kind, payload, honest_len, len)| {
-                    let len = if honest_len { payload.len() as u16 } else { len };
+                    let len = if honest_len {
+                        payload.len() as u16
+                    } else {
+                        len
+                    };
                     let mut bytes = MAGIC.to_vec();
                     bytes.push(VERSION);
                     bytes.push(kind);
@@ -780,8 +787,14 @@ mod tests {
         assert!(!RejectCode::Stopping.is_permanent());
         let e = ProtocolError::PairIdMismatch { got: "vm-9".into() };
         assert_eq!(e.reject_code(), RejectCode::PairMismatch);
-        assert_eq!(ProtocolError::BadVersion(9).reject_code(), RejectCode::Version);
-        assert_eq!(ProtocolError::BadMagic(*b"GET ").reject_code(), RejectCode::Malformed);
+        assert_eq!(
+            ProtocolError::BadVersion(9).reject_code(),
+            RejectCode::Version
+        );
+        assert_eq!(
+            ProtocolError::BadMagic(*b"GET ").reject_code(),
+            RejectCode::Malformed
+        );
     }
 
     #[test]

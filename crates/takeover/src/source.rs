@@ -462,13 +462,19 @@ impl SourceListener {
             Action::StandDownOthers => {
                 let target = self.choose_target();
                 self.target = target;
-                let others: Vec<usize> = self.joined_indices().filter(|&i| Some(i) != target).collect();
+                let others: Vec<usize> = self
+                    .joined_indices()
+                    .filter(|&i| Some(i) != target)
+                    .collect();
                 for &idx in &others {
                     self.send_stand_down(ops, idx);
                 }
                 if let Some(t) = target {
                     let to = self.conns[t].as_ref().map(|c| c.peer);
-                    debug!("handoff target {to:?}, {} other(s) stood down", others.len());
+                    debug!(
+                        "handoff target {to:?}, {} other(s) stood down",
+                        others.len()
+                    );
                 }
             }
             Action::SendHandoff => self.send_handoff(ops),
@@ -496,7 +502,12 @@ impl SourceListener {
                 // Handshaking connections never armed: a REJECT is enough.
                 let pending: Vec<usize> = self.indices(ConnState::Handshaking).collect();
                 for i in pending {
-                    self.reject(ops, i, RejectCode::Stopping, "the source is stopping".into());
+                    self.reject(
+                        ops,
+                        i,
+                        RejectCode::Stopping,
+                        "the source is stopping".into(),
+                    );
                 }
                 info!("STAND_DOWN sent to {} backup(s)", idx.len());
                 (self.observer)(&SourceNotice::StandDownSent { backups: idx.len() });
@@ -562,7 +573,10 @@ impl SourceListener {
                 return self.feed(ops, Input::Paused { joined });
             }
             self.resumed = false;
-            self.note_failure("resume", "no pause hook: the guest cannot be resumed".into());
+            self.note_failure(
+                "resume",
+                "no pause hook: the guest cannot be resumed".into(),
+            );
             return self.feed(ops, Input::ResumeFailed);
         };
         let (name, wrap): (&str, HookReport) = if pause {
@@ -572,12 +586,7 @@ impl SourceListener {
         };
         let job = move || {
             let mut h = hook.lock().unwrap_or_else(|e| e.into_inner());
-            if pause {
-                h.vm_pause()
-            } else {
-                h.vm_resume()
-            }
-            .map_err(|e| e.to_string())
+            if pause { h.vm_pause() } else { h.vm_resume() }.map_err(|e| e.to_string())
         };
         match offload(name, &self.mailbox.sender(), job, wrap) {
             Ok(()) => {
@@ -640,7 +649,8 @@ impl SourceListener {
         }
         if let Some(c) = self.conns[idx].as_mut() {
             c.shutdown_after_flush = true;
-            c.deadline = Some(Instant::now() + self.cfg.drain_timeout.max(self.cfg.handshake_timeout));
+            c.deadline =
+                Some(Instant::now() + self.cfg.drain_timeout.max(self.cfg.handshake_timeout));
         }
         self.flush(ops, idx);
         self.told += 1;
@@ -688,7 +698,13 @@ impl SourceListener {
     fn reject(&mut self, ops: &mut EventOps, idx: usize, code: RejectCode, why: String) {
         if let Some(c) = self.conns[idx].as_mut() {
             // Best effort: the peer may be no backup at all; it never armed, so a reset is fine.
-            let _ = (&c.sock).write(&Frame::Reject { code, reason: why.clone() }.encode());
+            let _ = (&c.sock).write(
+                &Frame::Reject {
+                    code,
+                    reason: why.clone(),
+                }
+                .encode(),
+            );
             c.why = why;
         }
         self.conn_input(ops, idx, ConnInput::HelloBad, String::new());
@@ -730,8 +746,16 @@ impl SourceListener {
                 });
             }
             Some(ConnAction::Evict) => {
-                let why = self.conns[idx].as_ref().map(|c| c.why.clone()).unwrap_or_default();
-                let _ = self.write_frame(idx, &Frame::Evict { reason: why.clone() });
+                let why = self.conns[idx]
+                    .as_ref()
+                    .map(|c| c.why.clone())
+                    .unwrap_or_default();
+                let _ = self.write_frame(
+                    idx,
+                    &Frame::Evict {
+                        reason: why.clone(),
+                    },
+                );
                 if let Some(c) = self.conns[idx].as_mut() {
                     c.shutdown_after_flush = true;
                     c.deadline = Some(Instant::now() + self.cfg.handshake_timeout);
@@ -761,7 +785,10 @@ impl SourceListener {
                 }
             }
             Some(ConnAction::ToHandoff) => {
-                let status = self.conns[idx].as_ref().map(|c| c.why.clone()).unwrap_or_default();
+                let status = self.conns[idx]
+                    .as_ref()
+                    .map(|c| c.why.clone())
+                    .unwrap_or_default();
                 let input = match input {
                     ConnInput::HandoffResult => match status.as_str() {
                         "started" => Input::Result(HandoffStatus::Started),
@@ -773,7 +800,10 @@ impl SourceListener {
                 self.feed(ops, input);
             }
         }
-        if self.conns[idx].as_ref().is_some_and(|c| c.state == ConnState::Closed) {
+        if self.conns[idx]
+            .as_ref()
+            .is_some_and(|c| c.state == ConnState::Closed)
+        {
             self.remove(ops, idx);
         }
         self.check_drained();
@@ -952,7 +982,10 @@ impl SourceListener {
                 }
                 .encode(),
             );
-            warn!("refusing backup {peer}: at the limit of {} backups", self.cfg.max_backups);
+            warn!(
+                "refusing backup {peer}: at the limit of {} backups",
+                self.cfg.max_backups
+            );
             return;
         }
         if self.handshaking >= self.cfg.max_pending {
@@ -1060,7 +1093,14 @@ impl SourceListener {
             return;
         };
         match (c.state, frame) {
-            (ConnState::Handshaking, Frame::Hello { pair_id, node, auth_tag }) => {
+            (
+                ConnState::Handshaking,
+                Frame::Hello {
+                    pair_id,
+                    node,
+                    auth_tag,
+                },
+            ) => {
                 if pair_id != self.cfg.pair_id {
                     let e = ProtocolError::PairIdMismatch { got: pair_id };
                     return self.reject(ops, idx, e.reject_code(), e.to_string());
@@ -1081,13 +1121,18 @@ impl SourceListener {
                 info!("backup {} reports its start: {s} {detail}", c.peer);
                 if status != protocol::HandoffStatus::Started {
                     let stage = "backup-start";
-                    let error = if detail.is_empty() { s.to_string() } else { detail };
+                    let error = if detail.is_empty() {
+                        s.to_string()
+                    } else {
+                        detail
+                    };
                     self.note_failure(stage, error);
                 }
                 self.conn_input(ops, idx, ConnInput::HandoffResult, s.to_string());
             }
             (ConnState::Handshaking, f) => {
-                let e = ProtocolError::Unexpected(f.name(), "during the handshake (expected HELLO)");
+                let e =
+                    ProtocolError::Unexpected(f.name(), "during the handshake (expected HELLO)");
                 self.reject(ops, idx, e.reject_code(), e.to_string());
             }
             (_, f) => {
@@ -1115,26 +1160,52 @@ impl SourceListener {
                 continue;
             }
             // A backup that does not read gets no more heartbeats queued: there stays room for
-            // the final frame, and the kernel is kept from aborting a live peer.
-            let unsent = if c.outbox.is_empty() { unsent_bytes(&c.sock) } else { usize::MAX };
-            match (c.slow, unsent > limit) {
+            // the final frame.
+            let unsent = if c.outbox.is_empty() {
+                unsent_bytes(&c.sock)
+            } else {
+                usize::MAX
+            };
+            // It is alive and not reading (not dead) when everything sent was acknowledged and
+            // only its closed window holds the rest back: then the kernel must not abort it.
+            let alive_not_reading = unsent > limit && acked_all(&c.sock);
+            match (c.slow, alive_not_reading) {
+                (None, false) if unsent > limit => continue,
                 (None, true) => {
                     c.slow = Some(1);
                     // Since Linux 5.x TCP_USER_TIMEOUT also ends zero-window probing of a peer
                     // that answers: lift it while this backup does not read.
                     let _ = c.sock.set_tcp_user_timeout(None);
-                    notices.push(SourceNotice::BackupSlow { peer: c.peer, unsent });
+                    notices.push(SourceNotice::BackupSlow {
+                        peer: c.peer,
+                        unsent,
+                    });
                     continue;
                 }
                 (Some(n), true) => {
                     c.slow = Some(n + 1);
                     continue;
                 }
+                (Some(skipped), false) if unsent > limit => {
+                    // Unacknowledged data again: no longer surely "alive and not reading", so the
+                    // user timeout applies again; still no beat queued.
+                    c.slow = None;
+                    let ut = c.keepalive.and_then(|k| k.user_timeout);
+                    let _ = c.sock.set_tcp_user_timeout(ut);
+                    debug!(
+                        "backup {}: data unacknowledged after {skipped} skipped",
+                        c.peer
+                    );
+                    continue;
+                }
                 (Some(skipped), false) => {
                     c.slow = None;
                     let ut = c.keepalive.and_then(|k| k.user_timeout);
                     let _ = c.sock.set_tcp_user_timeout(ut);
-                    notices.push(SourceNotice::BackupCaughtUp { peer: c.peer, skipped });
+                    notices.push(SourceNotice::BackupCaughtUp {
+                        peer: c.peer,
+                        skipped,
+                    });
                 }
                 (None, false) => {}
             }
@@ -1214,18 +1285,27 @@ impl SourceListener {
         match self.state {
             State::Pausing => {
                 let t = self.cfg.pause_timeout;
-                self.note_failure("pause", format!("the pause hook did not return within {t:?}"));
+                self.note_failure(
+                    "pause",
+                    format!("the pause hook did not return within {t:?}"),
+                );
                 self.feed(ops, Input::PauseTimeout)
             }
             State::AwaitingBackup => {
                 let t = self.cfg.handoff_timeout;
-                self.note_failure("backup-start", format!("no result from the backup within {t:?}"));
+                self.note_failure(
+                    "backup-start",
+                    format!("no result from the backup within {t:?}"),
+                );
                 self.feed(ops, Input::ResultTimeout)
             }
             State::Resuming => {
                 self.resumed = false;
                 let t = self.cfg.pause_timeout;
-                self.note_failure("resume", format!("the resume hook did not return within {t:?}"));
+                self.note_failure(
+                    "resume",
+                    format!("the resume hook did not return within {t:?}"),
+                );
                 self.feed(ops, Input::ResumeFailed)
             }
             State::StoodDown if self.told != usize::MAX => self.finish_stand_down(),
@@ -1251,7 +1331,10 @@ impl SourceListener {
                             let joined = self.joined;
                             self.feed(ops, Input::Paused { joined });
                             if self.state == State::Resuming {
-                                self.note_failure("pause", "every backup left during the pause".into());
+                                self.note_failure(
+                                    "pause",
+                                    "every backup left during the pause".into(),
+                                );
                             }
                         }
                         Err(e) => {
@@ -1294,6 +1377,12 @@ fn write_out(c: &mut Conn) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether everything sent on `sock` was acknowledged (`TCP_INFO`'s `tcpi_unacked` is 0): what a
+/// live peer with a closed window looks like, unlike a dead one.
+fn acked_all(sock: &Socket) -> bool {
+    crate::tcp_info(sock).is_ok_and(|i| i.tcpi_unacked == 0)
 }
 
 /// Bytes written to `sock` that the kernel has not sent yet (`SIOCOUTQNSD`): above zero only while

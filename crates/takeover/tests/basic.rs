@@ -23,7 +23,10 @@ fn stand_down_in_process_runs_no_hook() {
     assert!(p.source.stand_down());
     p.notices.wait(Some(&mut p.em), "bak: stand-down");
     // The backup closed its side: the stop is confirmed, not just sent.
-    assert_eq!(p.notices.wait(Some(&mut p.em), "src: stood-down"), "src: stood-down 1/1");
+    assert_eq!(
+        p.notices.wait(Some(&mut p.em), "src: stood-down"),
+        "src: stood-down 1/1"
+    );
     assert_eq!(hook.calls(), 0);
 }
 
@@ -58,7 +61,12 @@ fn a_slow_hook_never_blocks_the_event_loop() {
         std::thread::sleep(hook_time);
         Ok(())
     };
-    let mut p = armed_pair(slow, None, |c| c.heartbeat = Some(Duration::from_millis(5)), |_| {});
+    let mut p = armed_pair(
+        slow,
+        None,
+        |c| c.heartbeat = Some(Duration::from_millis(5)),
+        |_| {},
+    );
     p.source.begin_handoff();
     p.notices.wait(Some(&mut p.em), "bak: takeover handoff");
     // While the hook sleeps, every turn of the loop returns within its own timeout.
@@ -144,11 +152,20 @@ fn a_wrong_pair_id_ends_the_backup() {
     let (src, addr) = source(&notices, |c| c.pair_id = "secret-pair".into());
     add(&mut em, src);
     let hook = Counting::default();
-    let m = add(&mut em, backup(&notices, addr, hook.clone(), |c| c.pair_id = "other".into()));
+    let m = add(
+        &mut em,
+        backup(&notices, addr, hook.clone(), |c| c.pair_id = "other".into()),
+    );
     let why = notices.wait(Some(&mut em), "bak: rejected");
     assert!(why.contains("pair-mismatch"), "{why}");
-    assert!(!why.contains("secret-pair"), "REJECT names the source's pair: {why}");
-    assert_eq!(m.lock().unwrap().state().phase, Phase::Done(Outcome::Rejected));
+    assert!(
+        !why.contains("secret-pair"),
+        "REJECT names the source's pair: {why}"
+    );
+    assert_eq!(
+        m.lock().unwrap().state().phase,
+        Phase::Done(Outcome::Rejected)
+    );
     assert_eq!(hook.calls(), 0);
 
     // Asked to, it keeps retrying instead (with backoff).

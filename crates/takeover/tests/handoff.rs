@@ -23,7 +23,8 @@ fn handoff_pauses_off_the_loop_then_completes_when_the_backup_runs() {
     p.source.begin_handoff();
     p.notices.wait(Some(&mut p.em), "src: handoff-refused Busy");
     // The loop keeps turning while the pause runs, and nothing is handed off before it ends.
-    p.notices.run_for(Some(&mut p.em), Duration::from_millis(150));
+    p.notices
+        .run_for(Some(&mut p.em), Duration::from_millis(150));
     assert_eq!(pauser.pauses(), 0);
     assert_eq!(hook.calls(), 0);
     p.notices.wait(Some(&mut p.em), "src: handoff-paused");
@@ -56,7 +57,10 @@ fn a_backup_that_fails_to_start_gets_the_source_guest_resumed() {
     p.source.begin_handoff();
     p.notices.wait(Some(&mut p.em), "bak: hook-finished Err");
     let failed = p.notices.wait(Some(&mut p.em), "src: handoff-failed");
-    assert!(failed.starts_with("src: handoff-failed backup-start resumed=true"), "{failed}");
+    assert!(
+        failed.starts_with("src: handoff-failed backup-start resumed=true"),
+        "{failed}"
+    );
     assert!(failed.contains("no such VM"), "{failed}");
     assert_eq!((pauser.pauses(), pauser.resumes()), (1, 1));
 }
@@ -71,7 +75,10 @@ fn a_panicking_backup_hook_is_a_failed_start_and_the_source_resumes() {
     p.source.begin_handoff();
     let r = p.notices.wait(Some(&mut p.em), "bak: hook-finished");
     assert!(r.contains("vm-start panicked: boom"), "{r}");
-    p.notices.wait(Some(&mut p.em), "src: handoff-failed backup-start resumed=true");
+    p.notices.wait(
+        Some(&mut p.em),
+        "src: handoff-failed backup-start resumed=true",
+    );
 }
 
 /// The pause hook is never lost: a failed pause leaves it in place, and the next request pauses
@@ -79,12 +86,17 @@ fn a_panicking_backup_hook_is_a_failed_start_and_the_source_resumes() {
 #[test]
 fn a_failed_pause_keeps_the_hook_and_can_be_retried() {
     let pauser = Pauser::default();
-    pauser.fail_pauses.store(1, std::sync::atomic::Ordering::SeqCst);
+    pauser
+        .fail_pauses
+        .store(1, std::sync::atomic::Ordering::SeqCst);
     let hook = Counting::default();
     let mut p = armed_pair(hook.clone(), Some(Box::new(pauser.clone())), |_| {}, |_| {});
     p.source.begin_handoff();
     let f = p.notices.wait(Some(&mut p.em), "src: handoff-failed");
-    assert!(f.starts_with("src: handoff-failed pause resumed=true"), "{f}");
+    assert!(
+        f.starts_with("src: handoff-failed pause resumed=true"),
+        "{f}"
+    );
     assert_eq!(hook.calls(), 0);
     p.source.begin_handoff();
     p.notices.wait(Some(&mut p.em), "src: handoff-complete");
@@ -94,11 +106,17 @@ fn a_failed_pause_keeps_the_hook_and_can_be_retried() {
 #[test]
 fn handoff_after_a_stand_down_is_refused() {
     let pauser = Pauser::default();
-    let mut p = armed_pair(Counting::default(), Some(Box::new(pauser.clone())), |_| {}, |_| {});
+    let mut p = armed_pair(
+        Counting::default(),
+        Some(Box::new(pauser.clone())),
+        |_| {},
+        |_| {},
+    );
     p.source.stand_down();
     p.notices.wait(Some(&mut p.em), "src: stood-down");
     p.source.begin_handoff();
-    p.notices.wait(Some(&mut p.em), "src: handoff-refused Finished");
+    p.notices
+        .wait(Some(&mut p.em), "src: handoff-refused Finished");
     assert_eq!(pauser.pauses(), 0);
 }
 
@@ -134,7 +152,10 @@ fn with_two_backups_exactly_one_takes_over() {
     add(&mut em, backup(&notices, addr, b.clone(), |_| {}));
     notices.wait(Some(&mut em), "src: joined");
     h.begin_handoff();
-    assert_eq!(notices.wait(Some(&mut em), "src: handoff-sent"), "src: handoff-sent others=1");
+    assert_eq!(
+        notices.wait(Some(&mut em), "src: handoff-sent"),
+        "src: handoff-sent others=1"
+    );
     notices.wait(Some(&mut em), "bak: stand-down");
     notices.wait(Some(&mut em), "src: handoff-complete");
     notices.run_for(Some(&mut em), Duration::from_millis(200));

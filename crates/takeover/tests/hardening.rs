@@ -49,7 +49,10 @@ fn a_stalled_backup_with_a_full_buffer_never_takes_over() {
     let t = Instant::now();
     bak_loop.stall(stall);
     notices.wait(None, "src: slow");
-    notices.run_for(None, stall.saturating_sub(t.elapsed()) + Duration::from_millis(500));
+    notices.run_for(
+        None,
+        stall.saturating_sub(t.elapsed()) + Duration::from_millis(500),
+    );
     notices.wait_all(None, &["src: caught-up"]);
     notices.run_for(None, Duration::from_millis(300));
     assert!(!notices.saw("bak: link-lost"), "{:#?}", notices.seen);
@@ -63,7 +66,10 @@ fn a_stalled_backup_with_a_full_buffer_never_takes_over() {
     notices.wait(None, "src: slow");
     src_handle.stand_down();
     notices.wait(None, "bak: stand-down");
-    assert!(t.elapsed() >= Duration::from_secs(2), "the backup was not stalled");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "the backup was not stalled"
+    );
     assert_eq!(hook.calls(), 0, "{:#?}", notices.seen);
     assert!(!notices.saw("bak: link-lost"));
     drop(src_loop);
@@ -89,8 +95,14 @@ fn a_hook_that_never_returns_times_out_and_is_aborted() {
     let t = Instant::now();
     notices.wait(Some(&mut em), "bak: hook-timeout");
     assert!(t.elapsed() >= Duration::from_millis(300));
-    assert!(hanging.aborted.load(Ordering::SeqCst), "the hook was not aborted");
-    assert_eq!(m.lock().unwrap().state().phase, Phase::Done(Outcome::StartTimedOut));
+    assert!(
+        hanging.aborted.load(Ordering::SeqCst),
+        "the hook was not aborted"
+    );
+    assert_eq!(
+        m.lock().unwrap().state().phase,
+        Phase::Done(Outcome::StartTimedOut)
+    );
     // Its late result changes nothing.
     notices.run_for(Some(&mut em), Duration::from_millis(100));
     assert!(!notices.saw("bak: hook-finished"));
@@ -124,5 +136,8 @@ fn the_heartbeat_deadline_has_a_local_floor() {
     add(&mut em, src);
     let m = add(&mut em, backup(&notices, addr, Counting::default(), |_| {}));
     notices.wait(Some(&mut em), "bak: armed");
-    assert_eq!(m.lock().unwrap().deadline(), Some(Duration::from_millis(20)));
+    assert_eq!(
+        m.lock().unwrap().deadline(),
+        Some(Duration::from_millis(20))
+    );
 }

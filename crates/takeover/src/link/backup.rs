@@ -218,9 +218,11 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
         // Terminal: absorbs everything, so the hook can never run twice.
         P::Done(_) => same,
 
-        P::Watching | P::Arbitrating(_) if input == I::Stop => {
-            to(P::Done(Outcome::Stopped), L::Down, &[A::Finish(Outcome::Stopped)])
-        }
+        P::Watching | P::Arbitrating(_) if input == I::Stop => to(
+            P::Done(Outcome::Stopped),
+            L::Down,
+            &[A::Finish(Outcome::Stopped)],
+        ),
 
         P::Watching => match (link, input) {
             // The link healed before a grant arrived: the pair is the source's again.
@@ -260,11 +262,7 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
         P::Arbitrating(r) => match (link, input) {
             (_, I::ArbiterWon) => start(r, link),
             (_, I::ArbiterWait) => to(phase, link, &[A::Arbitrate]),
-            (_, I::ArbiterLost) => to(
-                P::Done(Outcome::Lost),
-                L::Down,
-                &[A::Finish(Outcome::Lost)],
-            ),
+            (_, I::ArbiterLost) => to(P::Done(Outcome::Lost), L::Down, &[A::Finish(Outcome::Lost)]),
             // The source answered again: it lives, and keeps the pair.
             (L::Handshaking, I::Welcomed) => {
                 to(P::Watching, L::Up, &[A::CancelArbitration, A::Arm])

@@ -234,7 +234,11 @@ fn source_matches_the_documented_table() {
                         && any_item(&i, |x| source_input_matches(x, input))
                         && when_matches(&when, arbitrated)
                     {
-                        let next = if next == "=" { state } else { source_state(&next) };
+                        let next = if next == "=" {
+                            state
+                        } else {
+                            source_state(&next)
+                        };
                         let acts = if acts == "—" {
                             vec![]
                         } else {

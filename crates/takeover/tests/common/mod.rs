@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_takeover_core::{
-    AbortHandle, BackupConfig, BackupHandle, BackupMonitor, BackupNotice, HookError,
-    SourceConfig, SourceHandle, SourceListener, SourceNotice, TakeoverRecord, VmPause, VmStart,
+    AbortHandle, BackupConfig, BackupHandle, BackupMonitor, BackupNotice, HookError, SourceConfig,
+    SourceHandle, SourceListener, SourceNotice, TakeoverRecord, VmPause, VmStart,
 };
 
 /// Subscribers shared the way Firecracker-style VMMs share them.

@@ -1,0 +1,170 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `vmm-takeover backup`: the library's `BackupMonitor` in an `EventManager`, its notices as JSON
+//! events, signals as calls through its handle.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventManager, SubscriberOps};
+use log::warn;
+use serde_json::json;
+use vmm_takeover_core::{BackupConfig, BackupMonitor, BackupNotice};
+
+use crate::cli::BackupArgs;
+use crate::events::{self, emit, unix_us};
+use crate::signals::{SignalKind, Signals};
+use crate::{add_guest_report, exit, hooks, keepalive_json, run_loop, us, Exit, Failure};
+
+/// Runs the backup until it took over, stood down, was refused or was stopped.
+pub fn run(a: BackupArgs) -> Result<u8, Failure> {
+    events::set_context("backup", &a.pair_id);
+    let mut cfg = BackupConfig::new(a.connect, a.pair_id.clone());
+    cfg.keepalive = a.keepalive.keepalive;
+    cfg.heartbeat_misses = a.heartbeat_misses;
+    cfg.keepalive_watchdog = !a.kernel_keepalive_only;
+    cfg.hook_timeout = a.hook_timeout;
+    cfg.retry_rejected = a.retry_rejected;
+    let (hook, guest) = hooks::start_hook(&a)?;
+    // A local guest keeps running in this process after the takeover: the backup is now the VMM.
+    let keep_running = guest.is_some();
+    let g = guest.clone();
+    let exit = Exit::default();
+    let ex = exit.clone();
+    // Once the standby guest runs here, a stop ends this process (the guest's VMM) directly.
+    let serving = Arc::new(AtomicBool::new(false));
+    let sv = serving.clone();
+    let monitor = BackupMonitor::new(
+        cfg,
+        hook,
+        Box::new(move |n: &BackupNotice| match n {
+            BackupNotice::Connecting { addr } => {
+                emit("connecting", json!({"addr": addr.to_string()}))
+            }
+            BackupNotice::Retrying {
+                why,
+                delay,
+                attempt,
+                suppressed,
+            } => emit(
+                "retrying",
+                json!({"why": why, "delay_us": us(*delay), "attempt": attempt,
+                       "suppressed": suppressed}),
+            ),
+            BackupNotice::Armed {
+                peer,
+                keepalive,
+                heartbeat,
+                deadline,
+            } => {
+                emit(
+                    "armed",
+                    json!({
+                        "peer": peer.to_string(),
+                        "keepalive": keepalive_json(keepalive.as_ref()),
+                        "heartbeat_us": heartbeat.map(us),
+                        "deadline_us": deadline.map(us),
+                    }),
+                );
+                if deadline.is_none() && keepalive.and_then(|k| k.bound()).is_none() {
+                    let message = "this link detects nothing but the source's process exit: no \
+                                   keepalive and no heartbeat, so a dead host or a cut link is \
+                                   never noticed";
+                    warn!("{message}");
+                    emit(
+                        "warning",
+                        json!({"what": "no-detection", "message": message}),
+                    );
+                }
+            }
+            BackupNotice::LinkLost { reason, detail } => emit(
+                "link-lost",
+                json!({"reason": reason.as_str(), "detail": detail}),
+            ),
+            BackupNotice::Takeover(r) => emit(
+                "takeover",
+                json!({
+                    "reason": r.reason.as_str(),
+                    "errno": r.errno,
+                    "epoch": r.epoch,
+                    "detail": r.detail,
+                    "armed_at_unix_us": unix_us(r.armed_at),
+                    "detected_at_unix_us": unix_us(r.detected_at),
+                }),
+            ),
+            BackupNotice::HookFinished { result, took } => match result {
+                Ok(()) => {
+                    emit(
+                        "vm-started",
+                        json!({"took_us": us(*took),
+                               "guest_counter": g.as_ref().map(|g| g.counter())}),
+                    );
+                    if keep_running {
+                        sv.store(true, Ordering::SeqCst);
+                    } else {
+                        ex.set(exit::OK);
+                    }
+                }
+                Err(e) => {
+                    emit("vm-start-failed", json!({"error": e, "took_us": us(*took)}));
+                    ex.set(exit::HOOK_FAILED);
+                }
+            },
+            BackupNotice::HookTimedOut { after } => {
+                emit("hook-timeout", json!({"after_us": us(*after)}));
+                ex.set(exit::UNCERTAIN);
+            }
+            BackupNotice::StandDown => {
+                emit("stand-down", json!({}));
+                ex.set(exit::OK);
+            }
+            BackupNotice::Rejected { reason } => {
+                emit("rejected", json!({"reason": reason}));
+                ex.set(exit::REJECTED);
+            }
+            // A stopped backup simply leaves (the source sees `backup-lost`), saying how close
+            // its heartbeats came to the deadline: the margin against false takeovers.
+            BackupNotice::Stopped {
+                aborted_hook,
+                was_armed,
+                heartbeats,
+                deadline,
+            } => {
+                emit(
+                    "stopped",
+                    json!({"aborted_hook": aborted_hook, "armed": was_armed,
+                           "heartbeats": heartbeats.received,
+                           "max_gap_us": us(heartbeats.max_gap),
+                           "deadline_us": deadline.map(us)}),
+                );
+                ex.set(if *aborted_hook {
+                    exit::ABORTED
+                } else {
+                    exit::OK
+                });
+            }
+        }),
+    )
+    .map_err(Failure::core)?;
+    let handle = monitor.handle();
+    let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(monitor)));
+    add_guest_report(&mut em, guest)?;
+    let ex = exit.clone();
+    let sigs = Signals::install(Box::new(move |kind| match kind {
+        SignalKind::Stop => {
+            // After a takeover with --vm the monitor is done; this process is the guest's VMM.
+            if serving.load(Ordering::SeqCst) || !handle.stop() {
+                emit("stopped", json!({"guest_running": true}));
+                ex.set(exit::OK);
+            }
+        }
+        // A backup has no handoff to start; SIGUSR1 must not end it either.
+        SignalKind::Handoff => warn!("SIGUSR1 ignored: a backup has nothing to hand off"),
+        SignalKind::Hangup => crate::source_cmd::signal_ignored(),
+    }))
+    .map_err(|e| format!("signals: {e}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(sigs)));
+    run_loop(&mut em, &exit)
+}

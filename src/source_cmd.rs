@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `vmm-takeover source`: the library's `SourceListener` in an `EventManager`, its notices as
+//! JSON events, signals as calls through its handle.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use event_manager::{EventManager, SubscriberOps};
+use log::warn;
+use serde_json::json;
+use vmm_takeover_core::link::source::Refusal;
+use vmm_takeover_core::{SourceConfig, SourceListener, SourceNotice};
+
+use crate::cli::SourceArgs;
+use crate::events::{self, emit};
+use crate::guest_report::GuestReport;
+use crate::signals::{SignalKind, Signals};
+use crate::{add_guest_report, exit, hooks, keepalive_json, run_loop, us, Exit, Failure};
+
+/// Runs the source until it stood down or handed off.
+pub fn run(a: SourceArgs) -> Result<u8, Failure> {
+    events::set_context("source", &a.pair_id);
+    let mut cfg = SourceConfig::new(a.listen, a.pair_id.clone());
+    cfg.keepalive = a.keepalive.keepalive.with_user_timeout(a.user_timeout);
+    cfg.heartbeat = a.heartbeat;
+    cfg.pause_timeout = a.hook_timeout;
+    cfg.handoff_timeout = a.handoff_timeout;
+    let detection_off = !cfg.keepalive.enabled && cfg.heartbeat.is_none();
+    let (pause, guest) = hooks::pause_hook(&a)?;
+    let exit = Exit::default();
+    let (ex, g) = (exit.clone(), guest.clone());
+    let mut listener = SourceListener::new(
+        cfg,
+        Box::new(move |n: &SourceNotice| match n {
+            SourceNotice::BackupJoined {
+                peer,
+                keepalive,
+                node,
+            } => emit(
+                "backup-joined",
+                json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
+                       "node": node}),
+            ),
+            SourceNotice::BackupLost { peer, why } => {
+                emit("backup-lost", json!({"peer": peer.to_string(), "why": why}))
+            }
+            SourceNotice::BackupRejected { peer, why } => emit(
+                "backup-rejected",
+                json!({"peer": peer.to_string(), "why": why}),
+            ),
+            SourceNotice::BackupEvicted { peer, why } => emit(
+                "backup-evicted",
+                json!({"peer": peer.to_string(), "why": why}),
+            ),
+            SourceNotice::BackupSlow { peer, unsent } => emit(
+                "backup-slow",
+                json!({"peer": peer.to_string(), "unsent_bytes": unsent}),
+            ),
+            SourceNotice::BackupCaughtUp { peer, skipped } => emit(
+                "backup-caught-up",
+                json!({"peer": peer.to_string(), "heartbeats_skipped": skipped}),
+            ),
+            SourceNotice::AcceptFailed { error, count } => {
+                emit("accept-failed", json!({"error": error, "count": count}))
+            }
+            SourceNotice::HandoffRefused { why } => {
+                let why = match why {
+                    Refusal::NoBackup => "no-backup",
+                    Refusal::Busy => "busy",
+                    Refusal::Finished => "finished",
+                };
+                emit("handoff-refused", json!({"why": why}))
+            }
+            SourceNotice::HandoffPaused => {
+                if let Some(g) = &g {
+                    // Evidence for the record: the local guest is paused before HANDOFF leaves.
+                    GuestReport::report(g);
+                }
+                emit("handoff-paused", json!({}))
+            }
+            SourceNotice::HandoffSent { to, others } => emit(
+                "handoff-sent",
+                json!({"to": to.to_string(), "others_stood_down": others}),
+            ),
+            SourceNotice::HandoffComplete { to, took } => {
+                emit(
+                    "handoff-complete",
+                    json!({"to": to.to_string(), "took_us": us(*took)}),
+                );
+                ex.set(exit::OK);
+            }
+            // The source keeps serving; SIGUSR1 may try again.
+            SourceNotice::HandoffFailed {
+                stage,
+                error,
+                resumed,
+            } => {
+                if let Some(g) = &g {
+                    GuestReport::report(g);
+                }
+                emit(
+                    "handoff-failed",
+                    json!({"stage": stage, "error": error, "resumed": resumed}),
+                )
+            }
+            SourceNotice::HandoffUncertain { why } => {
+                emit("handoff-uncertain", json!({"why": why}));
+                ex.set(exit::UNCERTAIN);
+            }
+            SourceNotice::StandDownDeferred => emit("stand-down-deferred", json!({})),
+            SourceNotice::StandDownSent { backups } => {
+                emit("stand-down", json!({"backups": backups}))
+            }
+            SourceNotice::StoodDown { told, confirmed } => {
+                emit("stood-down", json!({"told": told, "confirmed": confirmed}));
+                ex.set(exit::OK);
+            }
+        }),
+    )
+    .map_err(Failure::core)?;
+    let pause_name = pause.as_ref().map(|p| p.describe());
+    if let Some(p) = pause {
+        listener.set_pause_hook(p);
+    }
+    emit(
+        "listening",
+        json!({"addr": listener.local_addr().to_string(),
+               "heartbeat_us": a.heartbeat.map(us),
+               "keepalive": a.keepalive.keepalive.to_string()}),
+    );
+    if detection_off {
+        let message = "keepalive is off and no --heartbeat is set: backups can only see this \
+                       process exit (EOF), never a dead host or a cut link";
+        warn!("{message}");
+        emit(
+            "warning",
+            json!({"what": "no-detection", "message": message}),
+        );
+    }
+    let handle = listener.handle();
+    let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(listener)));
+    add_guest_report(&mut em, guest)?;
+
+    let sigs = Signals::install(Box::new(move |kind| match kind {
+        SignalKind::Stop => {
+            handle.stand_down();
+        }
+        SignalKind::Handoff => {
+            emit("handoff-requested", json!({"pause": pause_name}));
+            // The pause runs off the loop; HANDOFF follows only once it is confirmed.
+            handle.begin_handoff();
+        }
+        SignalKind::Hangup => signal_ignored(),
+    }))
+    .map_err(|e| format!("signals: {e}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(sigs)));
+    run_loop(&mut em, &exit)
+}
+
+/// SIGHUP reloads nothing yet; it must never end the process (a failover).
+pub fn signal_ignored() {
+    warn!("SIGHUP ignored: there is no configuration to reload");
+    emit(
+        "signal-ignored",
+        json!({"signal": "SIGHUP", "why": "nothing to reload"}),
+    );
+}
