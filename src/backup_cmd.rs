@@ -15,7 +15,10 @@ use vmm_takeover_core::{BackupConfig, BackupMonitor, BackupNotice};
 use crate::cli::BackupArgs;
 use crate::events::{self, emit, unix_us};
 use crate::signals::{SignalKind, Signals};
-use crate::{add_guest_report, exit, hooks, keepalive_json, run_loop, us, Exit, Failure};
+use crate::{
+    add_guest_report, close_arbiter, exit, hooks, keepalive_json, open_arbiter, run_loop, us, Exit,
+    Failure,
+};
 
 /// Runs the backup until it took over, stood down, was refused or was stopped.
 pub fn run(a: BackupArgs) -> Result<u8, Failure> {
@@ -27,8 +30,11 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     cfg.hook_timeout = a.hook_timeout;
     cfg.retry_rejected = a.retry_rejected;
     let (hook, guest) = hooks::start_hook(&a)?;
+    let session = open_arbiter(&a.arbiter)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
-    let keep_running = guest.is_some();
+    // With an arbiter the process also stays to hold the pair's lease for the guest it started:
+    // were it to leave, the lease would run out under a running guest.
+    let keep_running = guest.is_some() || session.is_some();
     let g = guest.clone();
     let exit = Exit::default();
     let ex = exit.clone();
@@ -123,6 +129,23 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 emit("rejected", json!({"reason": reason}));
                 ex.set(exit::REJECTED);
             }
+            BackupNotice::ArbitrationWait {
+                holder,
+                ttl_left,
+                why,
+            } => emit(
+                "arbitration-wait",
+                json!({"holder": holder, "ttl_left_ms": ttl_left.map(|t| t.as_millis() as u64),
+                       "why": why}),
+            ),
+            BackupNotice::ArbitrationWon { epoch, waited } => emit(
+                "arbitration-won",
+                json!({"epoch": epoch, "waited_ms": waited.as_millis() as u64}),
+            ),
+            BackupNotice::ArbitrationLost { winner } => {
+                emit("arbitration-lost", json!({"winner": winner}));
+                ex.set(exit::OWNED);
+            }
             // A stopped backup simply leaves (the source sees `backup-lost`), saying how close
             // its heartbeats came to the deadline: the margin against false takeovers.
             BackupNotice::Stopped {
@@ -147,15 +170,25 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
         }),
     )
     .map_err(Failure::core)?;
+    let mut monitor = monitor;
+    if let Some(s) = &session {
+        emit(
+            "arbiter",
+            json!({"holder": s.holder(), "arbiter": s.describe(),
+                   "ttl_ms": s.ttl().as_millis() as u64}),
+        );
+        monitor.set_arbiter(s.clone());
+    }
     let handle = monitor.handle();
     let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(Rc::new(RefCell::new(monitor)));
     add_guest_report(&mut em, guest)?;
     let ex = exit.clone();
+    let started = serving.clone();
     let sigs = Signals::install(Box::new(move |kind| match kind {
         SignalKind::Stop => {
             // After a takeover with --vm the monitor is done; this process is the guest's VMM.
-            if serving.load(Ordering::SeqCst) || !handle.stop() {
+            if started.load(Ordering::SeqCst) || !handle.stop() {
                 emit("stopped", json!({"guest_running": true}));
                 ex.set(exit::OK);
             }
@@ -166,5 +199,11 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     }))
     .map_err(|e| format!("signals: {e}"))?;
     em.add_subscriber(Rc::new(RefCell::new(sigs)));
-    run_loop(&mut em, &exit)
+    let code = run_loop(&mut em, &exit)?;
+    // A backup that started a guest keeps the pair to the end: its lease runs out on its own
+    // (TTL), never revoked from under a guest that may still run. Otherwise it holds nothing.
+    if !serving.load(Ordering::SeqCst) {
+        close_arbiter(session.as_ref());
+    }
+    Ok(code)
 }

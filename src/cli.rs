@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm_keepalive::{KeepaliveSpec, UserTimeout};
+use vmm_takeover_arbiter_etcd::Endpoint;
 use vmm_takeover_core::protocol::{MAX_HEARTBEAT, MIN_HEARTBEAT};
 
 /// Backup-VM takeover over a keepalive-tuned TCP heartbeat link.
@@ -68,6 +69,23 @@ pub struct KeepaliveArgs {
     pub keepalive: KeepaliveSpec,
 }
 
+/// The endpoints of `--arbiter` (one flag value, a comma list).
+#[derive(Debug, Clone)]
+pub struct Endpoints(pub Vec<Endpoint>);
+
+/// The arbiter flags shared by both sides.
+#[derive(Debug, Args, Clone)]
+pub struct ArbiterArgs {
+    /// Decide who may run the pair's guest on etcd (`etcd://HOST:PORT[,HOST:PORT…]`): the
+    /// guard against split brain. Both sides of a pair must use it. Without it, a partition
+    /// between two live hosts starts a second copy of the guest.
+    #[arg(long, value_name = "etcd://HOST:PORT[,…]", value_parser = parse_arbiter)]
+    pub arbiter: Option<Endpoints>,
+    /// The lease TTL asked of the arbiter (1s..=60s; etcd may grant more, reported in `owner`).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_lease_ttl, requires = "arbiter")]
+    pub lease_ttl: Duration,
+}
+
 /// `vmm-takeover source`.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
@@ -81,6 +99,8 @@ pub struct SourceArgs {
     pub pair_id: String,
     #[command(flatten)]
     pub keepalive: KeepaliveArgs,
+    #[command(flatten)]
+    pub arbiter: ArbiterArgs,
     /// TCP_USER_TIMEOUT of the backups' connections: `auto` (= the keepalive bound), `off`
     /// (kernel default, ~15 min with unacknowledged data) or a duration such as `3s`. Lifted
     /// while a backup does not read, so a live but stalled backup is never cut off.
@@ -124,6 +144,8 @@ pub struct BackupArgs {
     pub pair_id: String,
     #[command(flatten)]
     pub keepalive: KeepaliveArgs,
+    #[command(flatten)]
+    pub arbiter: ArbiterArgs,
     /// In heartbeat mode, take over after this many missed heartbeat intervals (1..=1000).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub heartbeat_misses: u32,
@@ -218,6 +240,21 @@ fn parse_user_timeout(s: &str) -> Result<UserTimeout, String> {
             UserTimeout::explicit(d).map_err(|e| e.to_string())
         }
     }
+}
+
+fn parse_arbiter(s: &str) -> Result<Endpoints, String> {
+    vmm_takeover_arbiter_etcd::parse_endpoints(s)
+        .map(Endpoints)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 2s: {e}"))?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&d) {
+        return Err(format!("the lease TTL must be 1s..=60s, got {s:?}"));
+    }
+    Ok(d)
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {

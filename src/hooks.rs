@@ -70,10 +70,8 @@ pub fn pause_hook(a: &SourceArgs) -> Result<WithGuest<Option<Box<dyn VmPause>>>,
         ));
     }
     if let Some(guest) = local_guest(a.vm.as_deref())? {
-        // The source's guest is the primary: it runs from the start.
-        guest
-            .start()
-            .map_err(|e| format!("cannot start the local guest: {e}"))?;
+        // The source's guest is the primary; the caller starts it (after owning the pair, with
+        // an arbiter).
         return Ok((Some(Box::new(guest.clone())), Some(guest)));
     }
     Ok((None, None))

@@ -22,8 +22,12 @@ use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use std::time::Duration;
+
 use serde_json::{json, Value};
+use vmm_takeover_arbiter_etcd::{default_holder, EtcdArbiter};
 use vmm_takeover_core::vmm_keepalive::EffectiveKeepalive;
+use vmm_takeover_core::ArbiterSession;
 
 use cli::{Cli, Command};
 use guest_report::GuestReport;
@@ -40,6 +44,9 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// The backup's `vm_start` failed: the standby guest does not run.
     pub const HOOK_FAILED: u8 = 3;
+    /// The pair belongs to someone else: the source found it owned at start or was fenced
+    /// (its lease ran out), or another backup won it.
+    pub const OWNED: u8 = 4;
     /// The source refused this backup for good (wrong pair id, protocol version).
     pub const REJECTED: u8 = 5;
     /// Whether a guest runs is unknown: the backup's `vm_start` timed out, or the source's
@@ -51,8 +58,8 @@ pub mod exit {
 
 /// Why a command ended before its loop ran: an exit code and a message.
 pub struct Failure {
-    code: u8,
-    message: String,
+    pub(crate) code: u8,
+    pub(crate) message: String,
 }
 
 impl Failure {
@@ -138,6 +145,31 @@ fn add_guest_report(
         em.add_subscriber(Rc::new(RefCell::new(r)));
     }
     Ok(())
+}
+
+/// Opens this process's arbiter session when `--arbiter` is given. Requests get a quarter of the
+/// TTL (at least 250 ms, at most 2 s), so that a silent arbiter cannot eat the lease.
+fn open_arbiter(a: &cli::ArbiterArgs) -> Result<Option<ArbiterSession>, Failure> {
+    let Some(cli::Endpoints(endpoints)) = &a.arbiter else {
+        return Ok(None);
+    };
+    let timeout = (a.lease_ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
+    let url = endpoints
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let arbiter = EtcdArbiter::new(endpoints.clone(), default_holder(), timeout);
+    ArbiterSession::open(Box::new(arbiter), a.lease_ttl)
+        .map(Some)
+        .map_err(|e| Failure::runtime(format!("cannot open a session on etcd://{url}: {e}")))
+}
+
+/// Ends the arbiter session at exit (bounded): revoking the lease frees what it held at once.
+fn close_arbiter(session: Option<&ArbiterSession>) {
+    if let Some(s) = session {
+        s.close(Duration::from_secs(2));
+    }
 }
 
 /// The keepalive in force on a socket, as every event shows it.

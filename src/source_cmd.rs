@@ -8,14 +8,20 @@ use std::rc::Rc;
 use event_manager::{EventManager, SubscriberOps};
 use log::warn;
 use serde_json::json;
+use std::time::Duration;
+
 use vmm_takeover_core::link::source::Refusal;
-use vmm_takeover_core::{SourceConfig, SourceListener, SourceNotice};
+use vmm_takeover_core::source::fence_margin;
+use vmm_takeover_core::{Acquire, ArbiterSession, SourceConfig, SourceListener, SourceNotice};
 
 use crate::cli::SourceArgs;
 use crate::events::{self, emit};
 use crate::guest_report::GuestReport;
 use crate::signals::{SignalKind, Signals};
-use crate::{add_guest_report, exit, hooks, keepalive_json, run_loop, us, Exit, Failure};
+use crate::{
+    add_guest_report, close_arbiter, exit, hooks, keepalive_json, open_arbiter, run_loop, us, Exit,
+    Failure,
+};
 
 /// Runs the source until it stood down or handed off.
 pub fn run(a: SourceArgs) -> Result<u8, Failure> {
@@ -27,6 +33,21 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     cfg.handoff_timeout = a.handoff_timeout;
     let detection_off = !cfg.keepalive.enabled && cfg.heartbeat.is_none();
     let (pause, guest) = hooks::pause_hook(&a)?;
+    // With an arbiter the pair is ours before the guest runs: a source that finds it owned by a
+    // live holder refuses to run a second copy.
+    let session = open_arbiter(&a.arbiter)?;
+    let epoch = match &session {
+        None => None,
+        Some(s) => Some(own_pair(s, &a.pair_id)?),
+    };
+    if let Some(g) = &guest {
+        if let Some(s) = &session {
+            // The vCPUs check it before every entry: not one instruction past the lease.
+            g.set_run_deadline(s.valid_until().map(|t| t - fence_margin(s.ttl())));
+        }
+        g.start()
+            .map_err(|e| Failure::runtime(format!("cannot start the local guest: {e}")))?;
+    }
     let exit = Exit::default();
     let (ex, g) = (exit.clone(), guest.clone());
     let mut listener = SourceListener::new(
@@ -115,12 +136,31 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                 emit("stood-down", json!({"told": told, "confirmed": confirmed}));
                 ex.set(exit::OK);
             }
+            SourceNotice::Owner { epoch, ttl } => emit(
+                "owner",
+                json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64}),
+            ),
+            SourceNotice::Fenced { why, pause_error } => {
+                emit(
+                    "fenced",
+                    json!({"why": why, "pause_error": pause_error,
+                           "guest_counter": g.as_ref().map(|g| g.counter()),
+                           "guest_running": g.as_ref().map(|g| g.is_running())}),
+                );
+                ex.set(exit::OWNED);
+            }
         }),
     )
     .map_err(Failure::core)?;
     let pause_name = pause.as_ref().map(|p| p.describe());
     if let Some(p) = pause {
         listener.set_pause_hook(p);
+    }
+    if let (Some(s), Some(epoch)) = (&session, epoch) {
+        listener.set_arbiter(s.clone(), epoch);
+        if let Some(g) = guest.clone() {
+            listener.set_run_deadline_hook(Box::new(move |d| g.set_run_deadline(d)));
+        }
     }
     emit(
         "listening",
@@ -155,7 +195,39 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     }))
     .map_err(|e| format!("signals: {e}"))?;
     em.add_subscriber(Rc::new(RefCell::new(sigs)));
-    run_loop(&mut em, &exit)
+    let code = run_loop(&mut em, &exit);
+    // Stood down, handed off, fenced: the lease goes now rather than at its TTL.
+    close_arbiter(session.as_ref());
+    code
+}
+
+/// Takes the pair at start; exit 4 naming the holder if someone else has it.
+fn own_pair(s: &ArbiterSession, pair: &str) -> Result<u64, Failure> {
+    let timeout = s.ttl() + Duration::from_secs(2);
+    match s.acquire_blocking(pair, timeout) {
+        Ok(Acquire::Won { epoch }) => {
+            emit(
+                "owner",
+                json!({"epoch": epoch, "ttl_ms": s.ttl().as_millis() as u64,
+                       "holder": s.holder(), "arbiter": s.describe()}),
+            );
+            Ok(epoch)
+        }
+        Ok(Acquire::Held { owner, ttl_left }) => Err(Failure {
+            code: exit::OWNED,
+            message: format!(
+                "pair {pair} is owned by {owner}{}: refusing to run a second copy",
+                ttl_left.map_or(String::new(), |t| format!(", lease {t:?} left"))
+            ),
+        }),
+        Ok(Acquire::HandoverPending { to }) => Err(Failure {
+            code: exit::OWNED,
+            message: format!("pair {pair} is being handed over to {to}: refusing to run"),
+        }),
+        Err(e) => Err(Failure::runtime(format!(
+            "cannot acquire pair {pair} from the arbiter: {e}"
+        ))),
+    }
 }
 
 /// SIGHUP reloads nothing yet; it must never end the process (a failover).

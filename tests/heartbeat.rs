@@ -66,6 +66,7 @@ fn scripted_source(
         let _ = s.read(&mut buf);
         s.write_all(
             &Frame::Welcome {
+                fence_grace: Duration::ZERO,
                 node: String::new(),
                 heartbeat: Some(interval),
             }

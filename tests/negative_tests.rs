@@ -209,6 +209,7 @@ fn welcome_with_unsafe_heartbeat_interval_is_refused() {
     run_against_fake(
         |_| {
             Frame::Welcome {
+                fence_grace: Duration::ZERO,
                 heartbeat: Some(Duration::ZERO),
                 node: String::new(),
             }
@@ -224,6 +225,7 @@ fn armed_link_with_garbage_after_welcome_retries_not_takes_over() {
     run_against_fake(
         |_| {
             let mut b = Frame::Welcome {
+                fence_grace: Duration::ZERO,
                 heartbeat: None,
                 node: String::new(),
             }

@@ -376,6 +376,27 @@ impl Arbiter for EtcdArbiter {
                 )));
             };
             let to = unb64(&kv.value).map_err(protocol)?;
+            // Our own handover that nobody claimed (the handoff failed before the successor
+            // took the pair): take it back, atomically with the check that it is still ours.
+            if to != self.holder && kv.lease == s.lease {
+                let r = self.txn(
+                    deadline,
+                    txn(
+                        vec![cmp_create(&owner_key, 0), cmp_lease(&handover_key, s.lease)],
+                        vec![
+                            op_put(&owner_key, &self.holder, s.lease),
+                            op_delete(&handover_key),
+                        ],
+                        vec![],
+                    ),
+                )?;
+                if r.succeeded {
+                    return Ok(Acquire::Won {
+                        epoch: epoch_of(r.header.revision)?,
+                    });
+                }
+                continue;
+            }
             if to != self.holder {
                 return Ok(Acquire::HandoverPending { to });
             }

@@ -144,12 +144,10 @@ fn hand_over_lets_only_the_named_successor_in() {
     // A retry of the same handover (its answer lost) is not an error.
     s[0].hand_over(&p, e_a, "b").unwrap();
     assert_eq!(s[0].owner(&p).unwrap(), None);
-    for i in [2, 0] {
-        assert_eq!(
-            s[i].acquire(&p).unwrap(),
-            Acquire::HandoverPending { to: "b".into() }
-        );
-    }
+    assert_eq!(
+        s[2].acquire(&p).unwrap(),
+        Acquire::HandoverPending { to: "b".into() }
+    );
     let e_b = won(&mut s[1], &p);
     assert!(e_b > e_a, "successor's epoch {e_b} not above {e_a}");
     assert!(matches!(s[2].acquire(&p).unwrap(),
@@ -158,6 +156,22 @@ fn hand_over_lets_only_the_named_successor_in() {
     s[1].release(&p, e_b).unwrap();
     let e_c = won(&mut s[2], &p);
     assert!(e_c > e_b);
+}
+
+/// A handoff that failed before the successor took the pair: the handing-over session takes it
+/// back (a new epoch), and the successor can no longer claim it.
+#[test]
+fn the_handing_over_session_takes_back_an_unclaimed_handover() {
+    let Some((_etcd, mut s)) = setup(&["a", "b"]) else {
+        return;
+    };
+    let p = pair("take-back");
+    let e_a = won(&mut s[0], &p);
+    s[0].hand_over(&p, e_a, "b").unwrap();
+    let e_back = won(&mut s[0], &p);
+    assert!(e_back > e_a, "{e_back} not above {e_a}");
+    assert!(matches!(s[1].acquire(&p).unwrap(),
+        Acquire::Held { owner, .. } if owner == ownership("a", e_back)));
 }
 
 #[test]

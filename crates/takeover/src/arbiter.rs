@@ -96,8 +96,10 @@ pub trait Arbiter: Send {
     /// Renews the session's lease; returns the TTL it now has left (the full granted TTL).
     fn renew(&mut self) -> Result<Duration, ArbiterError>;
 
-    /// Takes `pair` for this holder under the session lease, when nobody holds it or a pending
-    /// handover names this holder. Returns the same epoch again if this session already holds it.
+    /// Takes `pair` for this holder under the session lease, when nobody holds it, a pending
+    /// handover names this holder, or this session's own handover was not claimed (a failed
+    /// handoff takes the pair back). Returns the same epoch again if this session already holds
+    /// it.
     fn acquire(&mut self, pair: &str) -> Result<Acquire, ArbiterError>;
 
     /// Gives `pair` up, if this holder still owns it under `epoch`.

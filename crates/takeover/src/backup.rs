@@ -16,6 +16,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec, UserTimeout};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::arbiter::{Acquire, ArbiterError};
 use crate::hook::{AbortHandle, TakeoverReason, TakeoverRecord, VmStart};
 use crate::link::backup::{self as machine, Action, Input, Link, Outcome, Phase, Policy, State};
 use crate::link::SocketFailure;
@@ -24,6 +25,7 @@ use crate::protocol::{
     validate_node, validate_pair_id, Frame, FrameReader, HandoffStatus, ProtocolError,
     MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
+use crate::session::ArbiterSession;
 use crate::timer::Timer;
 use crate::Error;
 
@@ -181,6 +183,28 @@ pub enum BackupNotice<'a> {
         /// What exactly was seen.
         detail: &'a str,
     },
+    /// With an arbiter: the pair is not granted yet. Rate-limited (at most one a second).
+    ArbitrationWait {
+        /// Who holds the pair, when the arbiter answered.
+        holder: Option<&'a str>,
+        /// Time left on the holder's lease, when known.
+        ttl_left: Option<Duration>,
+        /// Why this backup waits.
+        why: &'a str,
+    },
+    /// With an arbiter: the pair is granted to this backup; the takeover follows.
+    ArbitrationWon {
+        /// The fencing epoch of the new ownership.
+        epoch: u64,
+        /// From the link's verdict to the grant.
+        waited: Duration,
+    },
+    /// With an arbiter: someone other than the watched source won the pair (another backup).
+    /// This backup ends and starts nothing, ever: the winner's guest may outlive its lease.
+    ArbitrationLost {
+        /// The winner and its epoch.
+        winner: &'a str,
+    },
     /// Takeover decided; `vm_start` is being called off the loop.
     Takeover(&'a TakeoverRecord),
     /// `vm_start` returned.
@@ -245,6 +269,34 @@ enum Msg {
     Hook(Done<Result<(), String>>),
     /// The owner stops the backup.
     Stop,
+    /// The arbiter answered an acquire of generation `.0`.
+    Acquired(u64, Result<Acquire, ArbiterError>),
+}
+
+/// How long after its own last sign of the source a backup that won the pair still waits, on top
+/// of the source's announced failsafe grace: the delayed ACK that is the source's last sign of
+/// this backup (≤ 200 ms), one-way delay, the pause, and clock-rate differences.
+pub const FAILSAFE_MARGIN: Duration = Duration::from_millis(500);
+
+/// How often a waiting backup asks the arbiter again, at most.
+const ARBITER_PACE: Duration = Duration::from_millis(100);
+
+struct Arbitration {
+    session: ArbiterSession,
+    /// Bumped when the link heals: answers to older requests no longer decide anything, except a
+    /// grant, which is given back.
+    generation: u64,
+    /// The epoch of the ownership granted to this backup.
+    epoch: Option<u64>,
+    /// The source's name in the arbiter (from WELCOME) and its failsafe grace.
+    source_node: String,
+    grace: Duration,
+    verdict_at: Option<Instant>,
+    /// What the link's verdict saw (the takeover's detail, once granted).
+    verdict_detail: String,
+    /// When to ask again after a wait.
+    retry_at: Option<Instant>,
+    last_report: Option<Instant>,
 }
 
 /// Calls into a [`BackupMonitor`] from any thread; they are carried out on its loop.
@@ -290,6 +342,7 @@ pub struct BackupMonitor {
     last_errno: Option<i32>,
     /// Whether the link was armed before the input being handled (for the stop report).
     was_armed: bool,
+    arbiter: Option<Arbitration>,
 }
 
 /// Rate limit for reports of failed attempts.
@@ -331,7 +384,29 @@ impl BackupMonitor {
             record: None,
             last_errno: None,
             was_armed: false,
+            arbiter: None,
         })
+    }
+
+    /// Puts the takeover under `session`'s arbiter: a verdict of the link only asks for the
+    /// pair, and the guest starts once it is granted (and, if the source announced a failsafe
+    /// grace, not before this backup's last sign of the source plus the grace and
+    /// [`FAILSAFE_MARGIN`]). The backup's name in the arbiter goes to the source in HELLO, so a
+    /// handoff can pass the pair to it. Call before the monitor is added to a loop.
+    pub fn set_arbiter(&mut self, session: ArbiterSession) {
+        self.policy.arbitrated = true;
+        self.cfg.node = session.holder().to_string();
+        self.arbiter = Some(Arbitration {
+            session,
+            generation: 0,
+            epoch: None,
+            source_node: String::new(),
+            grace: Duration::ZERO,
+            verdict_at: None,
+            verdict_detail: String::new(),
+            retry_at: None,
+            last_report: None,
+        });
     }
 
     /// A handle for calls from other threads (stop).
@@ -383,11 +458,22 @@ impl BackupMonitor {
             Action::Arm => self.arm(),
             Action::DropLink => self.drop_socket(ops),
             Action::Verdict(reason) => {
+                if let Some(a) = self.arbiter.as_mut() {
+                    a.verdict_at = Some(Instant::now());
+                    a.verdict_detail = detail.to_string();
+                }
                 warn!("link to {} lost: {reason} ({detail})", self.cfg.connect);
                 (self.observer)(&BackupNotice::LinkLost { reason, detail });
             }
-            // The arbiter's part comes with its backend; without one these never occur.
-            Action::Arbitrate | Action::CancelArbitration | Action::ReleasePair => {}
+            Action::Arbitrate => self.arbitrate(),
+            Action::CancelArbitration => {
+                if let Some(a) = self.arbiter.as_mut() {
+                    a.generation += 1;
+                    a.retry_at = None;
+                    a.verdict_at = None;
+                }
+            }
+            Action::ReleasePair => self.release_pair(),
             Action::StartGuest(reason) => {
                 let errno = match input {
                     Input::Failed(_) => self.last_errno,
@@ -403,6 +489,139 @@ impl BackupMonitor {
             }
             Action::Finish(outcome) => self.finish(ops, outcome, detail),
         }
+    }
+
+    /// Asks the arbiter for the pair (paced after a wait).
+    fn arbitrate(&mut self) {
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let at = a.retry_at.take().unwrap_or_else(Instant::now);
+        let tx = self.mailbox.sender();
+        let generation = a.generation;
+        a.session.acquire(&self.cfg.pair_id, at, move |r| {
+            tx.send(Msg::Acquired(generation, r));
+        });
+    }
+
+    fn release_pair(&mut self) {
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let Some(epoch) = a.epoch.take() else {
+            return;
+        };
+        let pair = self.cfg.pair_id.clone();
+        info!("giving pair {pair} back (epoch {epoch})");
+        let p = pair.clone();
+        a.session.release(&pair, epoch, move |r| {
+            let pair = p;
+            if let Err(e) = r {
+                warn!("release of pair {pair} (epoch {epoch}): {e}");
+            }
+        });
+    }
+
+    fn on_acquired(
+        &mut self,
+        ops: &mut EventOps,
+        generation: u64,
+        r: Result<Acquire, ArbiterError>,
+    ) {
+        let reason = match self.state.phase {
+            Phase::Arbitrating(r) => Some(r),
+            _ => None,
+        };
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let current = generation == a.generation && reason.is_some();
+        match r {
+            Ok(Acquire::Won { epoch }) => {
+                a.epoch = Some(epoch);
+                if !current {
+                    // Granted after the link healed (or after the end): give it back.
+                    return self.feed(ops, Input::ArbiterWon, "late grant");
+                }
+                // The source may run on for its failsafe grace after it last heard from us;
+                // we last heard from it no earlier than it last heard from us.
+                let until = self.last_rx + a.grace + FAILSAFE_MARGIN;
+                if reason != Some(TakeoverReason::Handoff)
+                    && a.grace > Duration::ZERO
+                    && now < until
+                {
+                    a.retry_at = Some(until);
+                    let why = "the pair is granted; waiting out the source's failsafe grace";
+                    self.report_wait(None, None, why, true);
+                    return self.arbitrate();
+                }
+                let waited = a.verdict_at.map_or(Duration::ZERO, |t| now - t);
+                info!("pair granted (epoch {epoch}) after {waited:?}");
+                (self.observer)(&BackupNotice::ArbitrationWon { epoch, waited });
+                self.feed(ops, Input::ArbiterWon, "granted by the arbiter");
+            }
+            _ if !current => {}
+            Ok(Acquire::Held { owner, ttl_left }) => {
+                let pace = ttl_left.map_or(ARBITER_PACE, |t| {
+                    t.clamp(Duration::from_millis(20), ARBITER_PACE)
+                });
+                a.retry_at = Some(now + pace);
+                if owner.holder != a.source_node {
+                    // Another backup (or a new source) won. Giving up for good is what keeps a
+                    // second copy from ever starting here, even once the winner's lease ends
+                    // while its guest still runs.
+                    let winner = owner.to_string();
+                    warn!("{winner} won the pair: this backup gives up, starting nothing");
+                    return self.feed(ops, Input::ArbiterLost, &winner);
+                }
+                self.report_wait(
+                    Some(&owner.holder),
+                    ttl_left,
+                    "the source still holds the pair",
+                    false,
+                );
+                self.feed(ops, Input::ArbiterWait, "pair held");
+            }
+            Ok(Acquire::HandoverPending { to }) => {
+                // Handed to another backup: it will take the pair.
+                let winner = format!("{to} (handover)");
+                warn!("the pair is handed over to {to}: this backup gives up");
+                self.feed(ops, Input::ArbiterLost, &winner);
+            }
+            Err(e) => {
+                a.retry_at = Some(now + ARBITER_PACE);
+                let why = format!("the arbiter could not be asked: {e}");
+                self.report_wait(None, None, &why, false);
+                self.feed(ops, Input::ArbiterWait, "arbiter unavailable");
+            }
+        }
+    }
+
+    /// `arbitration-wait`, at most once a second (or when `force`).
+    fn report_wait(
+        &mut self,
+        holder: Option<&str>,
+        ttl_left: Option<Duration>,
+        why: &str,
+        force: bool,
+    ) {
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if !force
+            && a.last_report
+                .is_some_and(|t| now - t < Duration::from_secs(1))
+        {
+            return;
+        }
+        a.last_report = Some(now);
+        (self.observer)(&BackupNotice::ArbitrationWait {
+            holder,
+            ttl_left,
+            why,
+        });
     }
 
     /// The timer follows the state: one meaning at a time.
@@ -568,8 +787,12 @@ impl BackupMonitor {
             keepalive: self.keepalive,
             heartbeat: self.heartbeat,
             errno,
-            epoch: None,
-            detail: detail.to_string(),
+            epoch: self.arbiter.as_ref().and_then(|a| a.epoch),
+            // With an arbiter the start follows the grant; what the link saw is the detail.
+            detail: match self.arbiter.as_ref() {
+                Some(a) if !a.verdict_detail.is_empty() => a.verdict_detail.clone(),
+                _ => detail.to_string(),
+            },
         };
         // The guest first: everything else (closing the link, logs, the owner's notice, which
         // may print) happens while vm_start already runs.
@@ -626,6 +849,11 @@ impl BackupMonitor {
         }
         self.drop_socket(ops);
         let _ = self.timer.disarm();
+        // Our copy does not run: the pair goes back, so that the source (after a failed handoff)
+        // or another backup can take it. After a timeout it may run: the pair stays ours.
+        if outcome == Outcome::StartFailed {
+            self.release_pair();
+        }
         let result = self.hook_result.clone();
         match outcome {
             Outcome::Started | Outcome::StartFailed => {
@@ -653,6 +881,9 @@ impl BackupMonitor {
                     reason: detail.to_string(),
                 });
             }
+            Outcome::Lost => {
+                (self.observer)(&BackupNotice::ArbitrationLost { winner: detail });
+            }
             Outcome::Stopped => {
                 let aborted_hook = self.record.is_some();
                 let deadline = self.deadline();
@@ -663,8 +894,6 @@ impl BackupMonitor {
                     deadline,
                 });
             }
-            // Only with an arbiter.
-            Outcome::Lost => {}
         }
     }
 
@@ -787,7 +1016,33 @@ impl BackupMonitor {
             (Input::ProtocolError, Some(e.to_string()))
         };
         match (self.state.link, f) {
-            (Link::Handshaking, Frame::Welcome { heartbeat, .. }) => {
+            (
+                Link::Handshaking,
+                Frame::Welcome {
+                    heartbeat,
+                    node,
+                    fence_grace,
+                },
+            ) => {
+                // Arbitration guards a pair only when both sides use it.
+                if self.policy.arbitrated == node.is_empty() {
+                    let why = if node.is_empty() {
+                        "the source has no arbiter, this backup has one: refusing to arm"
+                    } else {
+                        "the source uses an arbiter, this backup has none: refusing to arm"
+                    };
+                    error!("{why}");
+                    let input = if self.cfg.retry_rejected {
+                        Input::RejectedTransient
+                    } else {
+                        Input::RejectedPermanent
+                    };
+                    return (input, Some(why.to_string()));
+                }
+                if let Some(a) = self.arbiter.as_mut() {
+                    a.source_node = node;
+                    a.grace = fence_grace;
+                }
                 if let Some(hb) = heartbeat {
                     if hb < self.cfg.heartbeat_min || hb > self.cfg.heartbeat_max {
                         return bad(ProtocolError::BadPayload {
@@ -984,6 +1239,7 @@ impl BackupMonitor {
                     self.feed(ops, input, "vm_start returned");
                 }
                 Msg::Stop => self.feed(ops, Input::Stop, "stopped by the owner"),
+                Msg::Acquired(generation, r) => self.on_acquired(ops, generation, r),
             }
         }
     }

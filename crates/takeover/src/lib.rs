@@ -21,6 +21,7 @@ pub mod hook;
 pub mod link;
 mod mailbox;
 pub mod protocol;
+pub mod session;
 pub mod source;
 mod timer;
 
@@ -28,6 +29,7 @@ pub use arbiter::{Acquire, Arbiter, ArbiterError, Ownership};
 pub use backup::{BackupConfig, BackupHandle, BackupMonitor, BackupNotice, HeartbeatStats};
 pub use hook::{AbortHandle, HookError, TakeoverReason, TakeoverRecord, VmPause, VmStart};
 pub use link::SocketFailure;
+pub use session::{ArbiterSession, SessionEvent};
 pub use source::{SourceConfig, SourceHandle, SourceListener, SourceNotice};
 pub use vmm_keepalive;
 

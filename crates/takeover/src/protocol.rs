@@ -89,6 +89,11 @@ pub enum Frame {
         heartbeat: Option<Duration>,
         /// The source's name in the arbiter (empty without one).
         node: String,
+        /// Failsafe grace (with an arbiter and heartbeats): the source fences itself at most this
+        /// long after it last heard from this backup while the arbiter cannot renew its lease. A
+        /// backup that wins the pair never starts before its own last sign of the source plus
+        /// this (and a margin). Zero: no failsafe; the source fences when its lease runs out.
+        fence_grace: Duration,
     },
     /// Handshake refused.
     Reject {
@@ -140,6 +145,9 @@ pub enum RejectCode {
     Stopping = 5,
     /// A frame out of place. Permanent (the peers disagree about the protocol).
     Unexpected = 6,
+    /// One side uses an arbiter and the other does not: arbitration only guards a pair whose
+    /// both sides use it. Permanent.
+    Arbiter = 7,
 }
 
 impl RejectCode {
@@ -151,6 +159,7 @@ impl RejectCode {
             4 => RejectCode::Busy,
             5 => RejectCode::Stopping,
             6 => RejectCode::Unexpected,
+            7 => RejectCode::Arbiter,
             _ => return None,
         })
     }
@@ -163,6 +172,7 @@ impl RejectCode {
                 | RejectCode::Version
                 | RejectCode::Malformed
                 | RejectCode::Unexpected
+                | RejectCode::Arbiter
         )
     }
 
@@ -175,6 +185,7 @@ impl RejectCode {
             RejectCode::Busy => "busy",
             RejectCode::Stopping => "stopping",
             RejectCode::Unexpected => "unexpected",
+            RejectCode::Arbiter => "arbiter",
         }
     }
 }
@@ -296,13 +307,19 @@ impl Frame {
                 put_short(&mut payload, node.as_bytes(), MAX_NODE);
                 put_short(&mut payload, auth_tag, u8::MAX as usize);
             }
-            Frame::Welcome { heartbeat, node } => {
+            Frame::Welcome {
+                heartbeat,
+                node,
+                fence_grace,
+            } => {
                 // Mode byte first so that "heartbeat every 0 µs" stays distinguishable from
                 // "no heartbeat" and can be refused by the backup.
                 payload.push(heartbeat.is_some() as u8);
                 let us = heartbeat.map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32);
                 payload.extend_from_slice(&us.to_be_bytes());
                 put_short(&mut payload, node.as_bytes(), MAX_NODE);
+                let ms = fence_grace.as_millis().min(u32::MAX as u128) as u32;
+                payload.extend_from_slice(&ms.to_be_bytes());
             }
             Frame::Reject { code, reason } => {
                 payload.push(*code as u8);
@@ -363,13 +380,18 @@ impl Frame {
                 if !node.is_empty() {
                     validate_node(&node).map_err(|e| bad(&e))?;
                 }
+                let ms = r.u32("fence grace").map_err(|e| bad(&e))?;
                 r.end().map_err(|e| bad(&e))?;
-                Ok(Frame::Welcome { heartbeat, node })
+                Ok(Frame::Welcome {
+                    heartbeat,
+                    node,
+                    fence_grace: Duration::from_millis(ms.into()),
+                })
             }
             Kind::Reject => {
                 let (&c, text) = p.split_first().ok_or_else(|| bad("no reject code"))?;
                 let code = RejectCode::from_u8(c)
-                    .ok_or_else(|| bad(&format!("unknown reject code {c} (1..=6)")))?;
+                    .ok_or_else(|| bad(&format!("unknown reject code {c} (1..=7)")))?;
                 Ok(Frame::Reject {
                     code,
                     reason: detail(text).map_err(|e| bad(&e))?,
@@ -462,6 +484,15 @@ impl<'a> Cursor<'a> {
         std::str::from_utf8(b)
             .map(str::to_string)
             .map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, String> {
+        if self.0.len() < 4 {
+            return Err(format!("truncated {what}"));
+        }
+        let (b, rest) = self.0.split_at(4);
+        self.0 = rest;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
     fn end(&self) -> Result<(), String> {
@@ -594,10 +625,12 @@ mod tests {
             Frame::Welcome {
                 heartbeat: None,
                 node: String::new(),
+                fence_grace: Duration::ZERO,
             },
             Frame::Welcome {
                 heartbeat: Some(Duration::from_millis(10)),
                 node: "host-a/1".into(),
+                fence_grace: Duration::from_millis(30),
             },
             Frame::Reject {
                 code: RejectCode::PairMismatch,

@@ -26,6 +26,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::arbiter::{Acquire, ArbiterError};
 use crate::hook::{AbortHandle, VmPause};
 use crate::link::source::{
     self as machine, Action, Conn as ConnState, ConnAction, ConnInput, HandoffStatus, Input,
@@ -36,6 +37,7 @@ use crate::protocol::{
     self, validate_node, validate_pair_id, Frame, FrameReader, ProtocolError, RejectCode,
     MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
+use crate::session::{ArbiterSession, SessionEvent};
 use crate::timer::Timer;
 use crate::Error;
 
@@ -45,6 +47,7 @@ const TOKEN_SWEEP: u32 = 2;
 const TOKEN_MAILBOX: u32 = 3;
 const TOKEN_JOB: u32 = 4;
 const TOKEN_ACCEPT: u32 = 5;
+const TOKEN_FENCE: u32 = 6;
 /// Connection `i` uses token `TOKEN_CONN_BASE + i`.
 const TOKEN_CONN_BASE: u32 = 16;
 
@@ -237,6 +240,23 @@ pub enum SourceNotice<'a> {
         /// How many.
         backups: usize,
     },
+    /// This source owns the pair in the arbiter (at start, after a handoff failed, or again
+    /// after its lease was lost while the failsafe held).
+    Owner {
+        /// The fencing epoch of this ownership.
+        epoch: u64,
+        /// The lease TTL the arbiter granted.
+        ttl: Duration,
+    },
+    /// The lease ran out and no failsafe held: the guest was stopped here for good (its run
+    /// deadline passed, then the pause hook), so that a backup may take the pair. Final.
+    Fenced {
+        /// Why.
+        why: String,
+        /// The pause hook's error, if it failed (the run deadline still stopped an in-process
+        /// guest).
+        pause_error: Option<String>,
+    },
     /// The stop is complete: every told backup closed its side, or the drain time passed.
     StoodDown {
         /// Backups told STAND_DOWN.
@@ -255,6 +275,11 @@ enum Msg {
     Handoff,
     Paused(Done<Result<(), String>>),
     Resumed(Done<Result<(), String>>),
+    Fenced(Done<Result<(), String>>),
+    Session(SessionEvent),
+    HandedOver(Result<(), ArbiterError>),
+    Reclaimed(Result<Acquire, ArbiterError>),
+    Reacquired(Result<Acquire, ArbiterError>),
 }
 
 /// Wraps a pause or resume hook's result into its message.
@@ -340,6 +365,37 @@ pub struct SourceListener {
     spare_fd: Option<File>,
     accept_failures: u64,
     accept_reported: Option<Instant>,
+    /// The pair's ownership in the arbiter, when there is one.
+    arbiter: Option<Arbitration>,
+    /// Fires at the fencing deadline (and more often while the failsafe holds).
+    fence_timer: Timer,
+    /// Tells the local guest the instant it must not be entered after.
+    run_deadline_hook: Option<RunDeadlineHook>,
+}
+
+/// Told the instant after which the local guest must not run (its vCPUs check it before every
+/// entry), whenever it moves. Called on the loop: must not block.
+pub type RunDeadlineHook = Box<dyn Fn(Option<Instant>) + Send>;
+
+/// How much before the lease's earliest end the source fences itself: room for the pause, the
+/// clock-rate difference between this host and the arbiter, and the timer's lateness.
+pub fn fence_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(Duration::from_millis(200))
+}
+
+struct Arbitration {
+    session: ArbiterSession,
+    epoch: u64,
+    /// The fencing deadline the lease gives: its earliest end less the margin. `None` once lost.
+    lease_until: Option<Instant>,
+    /// Failsafe grace announced to backups (zero: no failsafe).
+    grace: Duration,
+    /// A renewal failed since the last success: the failsafe may be what keeps the guest running.
+    troubled: bool,
+    /// The deadline last given to the guest: once it passed, nothing brings the guest back.
+    told: Option<Instant>,
+    /// Reclaiming after a failed handoff: give up at this instant.
+    reclaim_until: Option<Instant>,
 }
 
 impl SourceListener {
@@ -393,6 +449,9 @@ impl SourceListener {
             spare_fd: File::open("/dev/null").ok(),
             accept_failures: 0,
             accept_reported: None,
+            arbiter: None,
+            fence_timer: Timer::new().map_err(Error::Resource)?,
+            run_deadline_hook: None,
         })
     }
 
@@ -422,6 +481,251 @@ impl SourceListener {
     pub fn set_pause_hook(&mut self, pause: Box<dyn VmPause>) {
         self.pause_abort = pause.abort_handle();
         self.pause = Some(Arc::new(Mutex::new(pause)));
+    }
+
+    /// Puts the pair under `session`'s arbiter. `epoch` is the ownership the caller already
+    /// acquired (at start, before the guest runs). From now on the source fences itself when its
+    /// lease runs out (`LeaseExpired`, [`SourceNotice::Fenced`]), passes the pair to the chosen
+    /// backup before HANDOFF, takes it back before resuming after a failed handoff, and only
+    /// admits backups that use an arbiter too. With heartbeats, the failsafe keeps the guest
+    /// running through an arbiter outage while every armed backup is heard from (see
+    /// `docs/split-brain.md`).
+    pub fn set_arbiter(&mut self, session: ArbiterSession, epoch: u64) {
+        self.policy.arbitrated = true;
+        self.cfg.node = session.holder().to_string();
+        let grace = self
+            .cfg
+            .heartbeat
+            .map_or(Duration::ZERO, |hb| (hb * 3).max(Duration::from_millis(30)));
+        let tx = self.mailbox.sender();
+        session.subscribe(move |ev| {
+            tx.send(Msg::Session(ev.clone()));
+        });
+        let margin = fence_margin(session.ttl());
+        let lease_until = session.valid_until().map(|t| t - margin);
+        self.arbiter = Some(Arbitration {
+            session,
+            epoch,
+            lease_until,
+            grace,
+            troubled: false,
+            told: None,
+            reclaim_until: None,
+        });
+        self.update_fence();
+    }
+
+    /// Sets the hook told the instant after which the local guest must not run (the fencing
+    /// deadline), e.g. `DummyVm::set_run_deadline`. A guest whose vCPUs check it cannot run past
+    /// the lease even when the whole process was stopped and wakes late.
+    pub fn set_run_deadline_hook(&mut self, hook: RunDeadlineHook) {
+        self.run_deadline_hook = Some(hook);
+        self.update_fence();
+    }
+
+    /// The fencing epoch of this source's ownership, with an arbiter.
+    pub fn epoch(&self) -> Option<u64> {
+        self.arbiter.as_ref().map(|a| a.epoch)
+    }
+
+    /// When the guest must stop at the latest, now: the lease's deadline, or later while the
+    /// failsafe holds (every armed backup heard from within the grace). `None` without arbiter.
+    fn fence_deadline(&self) -> Option<Instant> {
+        let a = self.arbiter.as_ref()?;
+        let failsafe = if a.grace > Duration::ZERO && (a.troubled || a.lease_until.is_none()) {
+            self.failsafe_until(a.grace)
+        } else {
+            None
+        };
+        Some(match (a.lease_until, failsafe) {
+            (Some(l), Some(f)) => l.max(f),
+            (Some(l), None) => l,
+            (None, Some(f)) => f,
+            // Neither lease nor failsafe: now.
+            (None, None) => Instant::now(),
+        })
+    }
+
+    /// The failsafe: the earliest of "last heard from this armed backup + grace" over every
+    /// armed backup; `None` without one. A backup that lost the link waits at least as long after
+    /// it last heard from us before it may start, so while this holds no copy can start.
+    fn failsafe_until(&self, grace: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        self.conns
+            .iter()
+            .flatten()
+            .filter(|c| matches!(c.state, ConnState::Joined | ConnState::Target))
+            .map(|c| {
+                let silent = crate::tcp_info(&c.sock).map_or(Duration::MAX, |i| {
+                    Duration::from_millis(i.tcpi_last_ack_recv.min(i.tcpi_last_data_recv).into())
+                });
+                now.checked_sub(silent).unwrap_or(now - grace) + grace
+            })
+            .min()
+    }
+
+    /// Moves the fencing deadline: tells the guest, arms the timer, or fences when it passed.
+    /// Never moves a deadline that already passed: a guest told to stop stays stopped.
+    fn update_fence(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let deadline = self.fence_deadline()?;
+        let a = self.arbiter.as_mut()?;
+        if a.told.is_some_and(|t| t <= now) || self.state == State::Fenced {
+            return None;
+        }
+        a.told = Some(deadline);
+        let check = if a.troubled || a.lease_until.is_none() {
+            // The failsafe moves with every ACK: look again soon.
+            (a.grace / 3).max(Duration::from_millis(10))
+        } else {
+            Duration::MAX
+        };
+        if let Some(hook) = &self.run_deadline_hook {
+            hook(Some(deadline));
+        }
+        let next = deadline.saturating_duration_since(now).min(check);
+        let _ = self.fence_timer.arm(next, None);
+        Some(deadline)
+    }
+
+    fn on_fence_timer(&mut self, ops: &mut EventOps) {
+        if self.fence_timer.expirations() == 0 {
+            return;
+        }
+        self.check_fence(ops);
+    }
+
+    /// Fences when the deadline passed; else moves it.
+    fn check_fence(&mut self, ops: &mut EventOps) {
+        let Some(a) = self.arbiter.as_ref() else {
+            return;
+        };
+        let now = Instant::now();
+        let passed =
+            a.told.is_some_and(|t| t <= now) || self.fence_deadline().is_some_and(|d| d <= now);
+        if passed && !self.state.is_done() {
+            self.feed(ops, Input::LeaseExpired);
+        } else {
+            self.update_fence();
+        }
+    }
+
+    fn on_session(&mut self, ops: &mut EventOps, ev: SessionEvent) {
+        // A deadline that passed is final, whatever this event says.
+        self.check_fence(ops);
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let margin = fence_margin(a.session.ttl());
+        match ev {
+            SessionEvent::Renewed { valid_until } => {
+                if a.lease_until.is_some() {
+                    a.lease_until = Some(valid_until - margin);
+                }
+                a.troubled = false;
+            }
+            SessionEvent::Trouble { error, .. } => {
+                if !a.troubled {
+                    warn!("lease renewal failing ({error}); the failsafe decides until it works");
+                }
+                a.troubled = true;
+            }
+            SessionEvent::Lost { error } => {
+                warn!("lease lost: {error}");
+                a.lease_until = None;
+                a.troubled = true;
+            }
+            // A new lease: take the pair again, if nobody took it meanwhile (nobody can while
+            // the failsafe holds: a backup starts only after it lost the link).
+            SessionEvent::Reopened { .. } => {
+                if a.lease_until.is_none() && !self.state.is_done() {
+                    let tx = self.mailbox.sender();
+                    let pair = self.cfg.pair_id.clone();
+                    a.session.acquire(&pair, Instant::now(), move |r| {
+                        tx.send(Msg::Reacquired(r));
+                    });
+                }
+            }
+        }
+        self.check_fence(ops);
+    }
+
+    fn on_reacquired(&mut self, ops: &mut EventOps, r: Result<Acquire, ArbiterError>) {
+        match r {
+            Ok(Acquire::Won { epoch }) => {
+                if let Some(a) = self.arbiter.as_mut() {
+                    let margin = fence_margin(a.session.ttl());
+                    a.epoch = epoch;
+                    a.lease_until = a.session.valid_until().map(|t| t - margin);
+                    let ttl = a.session.ttl();
+                    info!("pair owned again after a lost lease (epoch {epoch})");
+                    (self.observer)(&SourceNotice::Owner { epoch, ttl });
+                }
+                self.check_fence(ops);
+            }
+            other => {
+                warn!("cannot take the pair again after a lost lease: {other:?}");
+                if !self.state.is_done() {
+                    self.feed(ops, Input::LeaseExpired);
+                }
+            }
+        }
+    }
+
+    fn reclaim(&mut self) {
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let until = *a
+            .reclaim_until
+            .get_or_insert_with(|| Instant::now() + a.session.ttl() + Duration::from_secs(2));
+        let _ = until;
+        let tx = self.mailbox.sender();
+        a.session
+            .acquire(&self.cfg.pair_id, Instant::now(), move |r| {
+                tx.send(Msg::Reclaimed(r));
+            });
+    }
+
+    fn on_reclaimed(&mut self, ops: &mut EventOps, r: Result<Acquire, ArbiterError>) {
+        if self.state != State::Reclaiming {
+            return;
+        }
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        match r {
+            Ok(Acquire::Won { epoch }) => {
+                a.epoch = epoch;
+                a.reclaim_until = None;
+                let ttl = a.session.ttl();
+                info!("pair taken back after the failed handoff (epoch {epoch})");
+                (self.observer)(&SourceNotice::Owner { epoch, ttl });
+                self.feed(ops, Input::Reclaimed);
+            }
+            other => {
+                let now = Instant::now();
+                if a.reclaim_until.is_some_and(|t| now < t) {
+                    // The failed successor may still hold it for a moment (it releases after
+                    // its failure, or its lease runs out): ask again shortly.
+                    let tx = self.mailbox.sender();
+                    a.session.acquire(
+                        &self.cfg.pair_id,
+                        now + Duration::from_millis(100),
+                        move |r| {
+                            tx.send(Msg::Reclaimed(r));
+                        },
+                    );
+                } else {
+                    a.reclaim_until = None;
+                    self.note_failure(
+                        "reclaim",
+                        format!("the pair could not be taken back: {other:?}"),
+                    );
+                    self.feed(ops, Input::ReclaimFailed);
+                }
+            }
+        }
     }
 
     /// Feeds one input through the handoff/stop machine and carries out its actions, in order.
@@ -457,8 +761,32 @@ impl SourceListener {
                     abort();
                 }
             }
-            // The arbiter's part comes with its backend; without one this never occurs.
-            Action::HandOver => {}
+            Action::HandOver => {
+                let target = self.choose_target();
+                let node = target
+                    .and_then(|t| self.conns[t].as_ref())
+                    .map(|c| c.node.clone())
+                    .unwrap_or_default();
+                match self.arbiter.as_ref() {
+                    Some(a) if !node.is_empty() => {
+                        let tx = self.mailbox.sender();
+                        a.session
+                            .hand_over(&self.cfg.pair_id, a.epoch, &node, move |r| {
+                                tx.send(Msg::HandedOver(r));
+                            });
+                        let _ = self.job_timer.arm(self.cfg.pause_timeout, None);
+                    }
+                    _ => {
+                        self.note_failure(
+                            "hand-over",
+                            "the chosen backup has no arbiter name".into(),
+                        );
+                        self.feed(ops, Input::HandOverFailed);
+                    }
+                }
+            }
+            Action::Reclaim => self.reclaim(),
+            Action::Fence => self.fence(),
             Action::StandDownOthers => {
                 let target = self.choose_target();
                 self.target = target;
@@ -602,6 +930,43 @@ impl SourceListener {
                     self.note_failure("resume", error);
                     self.feed(ops, Input::ResumeFailed);
                 }
+            }
+        }
+    }
+
+    /// Stops the guest for good: its run deadline now (an in-process guest's vCPUs stop at
+    /// their next entry), then the pause hook off the loop; [`SourceNotice::Fenced`] follows.
+    fn fence(&mut self) {
+        let _ = self.heartbeat_timer.disarm();
+        let _ = self.fence_timer.disarm();
+        let now = Instant::now();
+        if let Some(hook) = &self.run_deadline_hook {
+            hook(Some(now));
+        }
+        if let Some(a) = self.arbiter.as_mut() {
+            a.told = Some(now);
+        }
+        if self.failure.is_none() {
+            self.failure = Some(("fence", "the lease ran out and no failsafe held".into()));
+        }
+        let tx = self.mailbox.sender();
+        match self.pause.clone() {
+            Some(hook) => {
+                let job = move || {
+                    hook.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .vm_pause()
+                        .map_err(|e| e.to_string())
+                };
+                if let Err(e) = offload("vm-fence", &tx, job, Msg::Fenced) {
+                    tx.send(Msg::Fenced((
+                        Ok(Err(format!("cannot spawn: {e}"))),
+                        Duration::ZERO,
+                    )));
+                }
+            }
+            None => {
+                tx.send(Msg::Fenced((Ok(Ok(())), Duration::ZERO)));
             }
         }
     }
@@ -840,6 +1205,7 @@ impl SourceListener {
         let frame = Frame::Welcome {
             heartbeat: self.cfg.heartbeat,
             node: self.cfg.node.clone(),
+            fence_grace: self.arbiter.as_ref().map_or(Duration::ZERO, |a| a.grace),
         };
         if let Err(e) = self.write_frame(idx, &frame) {
             // The backup never saw WELCOME, so it never armed: closing is safe.
@@ -1109,6 +1475,16 @@ impl SourceListener {
                     let why = "authentication tags are not supported by this source".to_string();
                     return self.reject(ops, idx, RejectCode::Malformed, why);
                 }
+                // Arbitration guards a pair only when both sides use it: a backup without it
+                // would start its copy on the link's word alone.
+                if self.policy.arbitrated == node.is_empty() {
+                    let why = if node.is_empty() {
+                        "this source uses an arbiter; the backup must use one too"
+                    } else {
+                        "this source has no arbiter; the backup must not use one either"
+                    };
+                    return self.reject(ops, idx, RejectCode::Arbiter, why.into());
+                }
                 c.node = node;
                 self.conn_input(ops, idx, ConnInput::HelloOk, String::new());
             }
@@ -1299,6 +1675,14 @@ impl SourceListener {
                 );
                 self.feed(ops, Input::ResultTimeout)
             }
+            State::HandingOver => {
+                let t = self.cfg.pause_timeout;
+                self.note_failure(
+                    "hand-over",
+                    format!("no answer from the arbiter within {t:?}"),
+                );
+                self.feed(ops, Input::HandOverFailed)
+            }
             State::Resuming => {
                 self.resumed = false;
                 let t = self.cfg.pause_timeout;
@@ -1358,6 +1742,30 @@ impl SourceListener {
                     }
                 }
                 Msg::Paused(_) | Msg::Resumed(_) => debug!("late hook result ignored"),
+                Msg::Fenced((r, _)) => {
+                    let pause_error = r.and_then(|x| x).err();
+                    let why = self
+                        .failure
+                        .take()
+                        .map(|(_, e)| e)
+                        .unwrap_or_else(|| "the lease ran out".into());
+                    error!("fenced: {why}");
+                    (self.observer)(&SourceNotice::Fenced { why, pause_error });
+                }
+                Msg::Session(ev) => self.on_session(ops, ev),
+                Msg::HandedOver(r) if self.state == State::HandingOver => {
+                    let _ = self.job_timer.disarm();
+                    match r {
+                        Ok(()) => self.feed(ops, Input::HandedOver),
+                        Err(e) => {
+                            self.note_failure("hand-over", e.to_string());
+                            self.feed(ops, Input::HandOverFailed);
+                        }
+                    }
+                }
+                Msg::HandedOver(_) => debug!("late hand-over result ignored"),
+                Msg::Reclaimed(r) => self.on_reclaimed(ops, r),
+                Msg::Reacquired(r) => self.on_reacquired(ops, r),
             }
         }
     }
@@ -1407,6 +1815,7 @@ impl MutEventSubscriber for SourceListener {
             (self.mailbox.as_raw_fd(), TOKEN_MAILBOX),
             (self.job_timer.as_raw_fd(), TOKEN_JOB),
             (self.accept_timer.as_raw_fd(), TOKEN_ACCEPT),
+            (self.fence_timer.as_raw_fd(), TOKEN_FENCE),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
                 error!("cannot register source fd {fd}: {e:?}");
@@ -1428,6 +1837,7 @@ impl MutEventSubscriber for SourceListener {
             TOKEN_MAILBOX => self.on_mailbox(ops),
             TOKEN_JOB => self.on_job_timer(ops),
             TOKEN_ACCEPT => self.resume_accept(ops),
+            TOKEN_FENCE => self.on_fence_timer(ops),
             t if t >= TOKEN_CONN_BASE => {
                 self.on_conn(ops, (t - TOKEN_CONN_BASE) as usize, events.event_set())
             }

@@ -48,7 +48,8 @@ pub enum Outcome {
     Rejected,
     /// The owner stopped the backup.
     Stopped,
-    /// Another backup won the pair from the arbiter.
+    /// Another backup won the pair: this one gives up for good, so that it can never start a
+    /// second copy later (the winner's guest may outlive the winner's lease).
     Lost,
 }
 
@@ -129,7 +130,7 @@ pub enum Input {
     ArbiterWon,
     /// The arbiter says the source still holds the pair (or could not be asked): ask again.
     ArbiterWait,
-    /// The arbiter granted the pair to another backup.
+    /// The arbiter granted the pair to someone other than the source this backup watched.
     ArbiterLost,
     /// `vm_start` returned success.
     HookOk,

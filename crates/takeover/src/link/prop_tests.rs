@@ -96,6 +96,7 @@ proptest! {
         let mut paused = false;
         let mut handed_over = false;
         let mut handoff_sent = false;
+        let mut passed_on = false;
         for input in inputs {
             // The facts this input establishes hold for the actions it causes.
             match input {
@@ -114,11 +115,25 @@ proptest! {
                         prop_assert!(!handoff_sent, "a second HANDOFF");
                         handoff_sent = true;
                     }
-                    SA::Resume if handoff_sent => {
+                    SA::Resume if handoff_sent && !arbitrated => {
                         prop_assert!(
                             matches!(input,
                                 SI::Result(HandoffStatus::Failed) | SI::HandoffNotDelivered),
                             "resumed after HANDOFF on {input:?}"
+                        );
+                    }
+                    // Once the pair may have moved, the guest runs again only once it is back.
+                    SA::Resume if passed_on => {
+                        prop_assert_eq!(input, SI::Reclaimed, "resumed without the pair");
+                    }
+                    SA::HandOver => passed_on = true,
+                    SA::Reclaim => {
+                        prop_assert!(
+                            matches!(input,
+                                SI::Result(HandoffStatus::Failed)
+                                    | SI::HandoffNotDelivered
+                                    | SI::HandOverFailed),
+                            "reclaim on {input:?}"
                         );
                     }
                     SA::Pause => paused = false,
@@ -130,6 +145,7 @@ proptest! {
                 paused = false;
                 handed_over = false;
                 handoff_sent = false;
+                passed_on = false;
             }
             if s.is_done() {
                 prop_assert_eq!(next, s);

@@ -4,7 +4,7 @@
 //!
 //! The handoff is a transaction: the local guest is paused (confirmed) before HANDOFF leaves, and
 //! it is resumed only when the HANDOFF never left or the chosen backup reported that its copy is
-//! **not** running. When the outcome is unknown (the backup's start timed out, the link died after
+//! **not** running (with an arbiter, once the pair is taken back). When the outcome is unknown (the backup's start timed out, the link died after
 //! HANDOFF, no answer in time) the guest stays paused: two running copies are worse than none.
 //! Only one backup is handed the guest; the others are stood down first, so a crash of the source
 //! during the handoff cannot start a second copy. `docs/state-machines.md` holds the tables.
@@ -22,6 +22,9 @@ pub enum State {
     HandingOver,
     /// HANDOFF went to the chosen backup; waiting for its HANDOFF_RESULT.
     AwaitingBackup,
+    /// The handoff failed before the backup's copy could run, after the pair was passed on (or
+    /// may have been): the pair is taken back from the arbiter before the guest may run again.
+    Reclaiming,
     /// The handoff failed before the backup's copy could run: the resume hook runs.
     Resuming,
     /// Terminal: the backup confirmed that its copy runs; the local guest stays paused.
@@ -30,6 +33,9 @@ pub enum State {
     Uncertain,
     /// Terminal: STAND_DOWN went to every backup.
     StoodDown,
+    /// Terminal: the lease ran out (and no failsafe held): the guest is paused here for good, so
+    /// that a backup may win the pair.
+    Fenced,
 }
 
 impl State {
@@ -37,13 +43,20 @@ impl State {
     pub fn handing_off(&self) -> bool {
         matches!(
             self,
-            State::Pausing | State::HandingOver | State::AwaitingBackup | State::Resuming
+            State::Pausing
+                | State::HandingOver
+                | State::AwaitingBackup
+                | State::Reclaiming
+                | State::Resuming
         )
     }
 
     /// Whether nothing more will happen.
     pub fn is_done(&self) -> bool {
-        matches!(self, State::HandedOff | State::Uncertain | State::StoodDown)
+        matches!(
+            self,
+            State::HandedOff | State::Uncertain | State::StoodDown | State::Fenced
+        )
     }
 }
 
@@ -89,10 +102,17 @@ pub enum Input {
     TargetLost,
     /// No HANDOFF_RESULT within the handoff deadline.
     ResultTimeout,
+    /// The pair was taken back from the arbiter.
+    Reclaimed,
+    /// The pair could not be taken back (another holder has it, or the arbiter stayed silent).
+    ReclaimFailed,
     /// The resume hook succeeded.
     Resumed,
     /// The resume hook failed or timed out.
     ResumeFailed,
+    /// The lease ran out and no failsafe holds: the guest must stop here before anyone else
+    /// can be granted the pair.
+    LeaseExpired,
 }
 
 /// Why a handoff request was refused.
@@ -121,6 +141,8 @@ pub enum Action {
     StandDownOthers,
     /// Write HANDOFF to the chosen backup.
     SendHandoff,
+    /// Take the pair back from the arbiter (off the loop, with retries until a deadline).
+    Reclaim,
     /// Run the resume hook off the loop, with its deadline.
     Resume,
     /// Report a failed handoff: the guest runs again here (after [`Input::Resumed`]) or not.
@@ -132,6 +154,8 @@ pub enum Action {
     DeferStandDown,
     /// Report the end: handed off, or uncertain.
     Finish,
+    /// Stop the guest now (its run deadline, then the pause hook), and report it: fenced.
+    Fence,
 }
 
 /// Whether the arbiter must pass the pair before HANDOFF.
@@ -148,6 +172,7 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
     use State as S;
     let to = |s, actions: &[Action]| (s, Actions::of(actions));
     match (state, input) {
+        (s, I::LeaseExpired) if !s.is_done() => to(S::Fenced, &[A::Fence]),
         (S::Serving, I::HandoffRequested { joined: 0 }) => {
             to(S::Serving, &[A::Refuse(Refusal::NoBackup)])
         }
@@ -170,17 +195,28 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
         (S::HandingOver, I::HandedOver) => {
             to(S::AwaitingBackup, &[A::StandDownOthers, A::SendHandoff])
         }
-        (S::HandingOver, I::HandOverFailed) => to(S::Resuming, &[A::Resume]),
+        // The pair may have moved (an answer can be lost): take it back before resuming.
+        (S::HandingOver, I::HandOverFailed) => to(S::Reclaiming, &[A::Reclaim]),
 
+        // The backup says its copy does not run (or never got HANDOFF): the guest may run here
+        // again, once the pair is ours again.
+        (S::AwaitingBackup, I::HandoffNotDelivered | I::Result(HandoffStatus::Failed))
+            if policy.arbitrated =>
+        {
+            to(S::Reclaiming, &[A::Reclaim])
+        }
         (S::AwaitingBackup, I::HandoffNotDelivered) => to(S::Resuming, &[A::Resume]),
         (S::AwaitingBackup, I::Result(HandoffStatus::Started)) => to(S::HandedOff, &[A::Finish]),
-        // The backup says its copy does not run: the guest may run here again.
         (S::AwaitingBackup, I::Result(HandoffStatus::Failed)) => to(S::Resuming, &[A::Resume]),
         // Its copy may run: never resume on a guess.
         (
             S::AwaitingBackup,
             I::Result(HandoffStatus::Uncertain) | I::TargetLost | I::ResultTimeout,
         ) => to(S::Uncertain, &[A::Finish]),
+
+        (S::Reclaiming, I::Reclaimed) => to(S::Resuming, &[A::Resume]),
+        // Someone else may run it: never resume on a guess.
+        (S::Reclaiming, I::ReclaimFailed) => to(S::Uncertain, &[A::Finish]),
 
         (S::Resuming, I::Resumed | I::ResumeFailed) => to(S::Serving, &[A::ReportFailed]),
 
@@ -189,15 +225,17 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
 }
 
 /// Every state, for exhaustive tests.
-pub const ALL_STATES: [State; 8] = [
+pub const ALL_STATES: [State; 10] = [
     State::Serving,
     State::Pausing,
     State::HandingOver,
     State::AwaitingBackup,
+    State::Reclaiming,
     State::Resuming,
     State::HandedOff,
     State::Uncertain,
     State::StoodDown,
+    State::Fenced,
 ];
 
 /// Every input, for exhaustive tests (`joined` as 0 and 1).
@@ -218,8 +256,11 @@ pub fn all_inputs() -> Vec<Input> {
         Input::Result(HandoffStatus::Uncertain),
         Input::TargetLost,
         Input::ResultTimeout,
+        Input::Reclaimed,
+        Input::ReclaimFailed,
         Input::Resumed,
         Input::ResumeFailed,
+        Input::LeaseExpired,
     ]
 }
 

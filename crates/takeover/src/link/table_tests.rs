@@ -206,6 +206,8 @@ fn source_action(s: &str) -> SA {
         "StandDownOthers" => SA::StandDownOthers,
         "SendHandoff" => SA::SendHandoff,
         "Resume" => SA::Resume,
+        "Reclaim" => SA::Reclaim,
+        "Fence" => SA::Fence,
         "ReportFailed" => SA::ReportFailed,
         "StandDownAll" => SA::StandDownAll,
         "DeferStandDown" => SA::DeferStandDown,

@@ -142,6 +142,8 @@ pub fn source_text(n: &SourceNotice) -> String {
         N::StandDownDeferred => "stand-down-deferred".into(),
         N::StandDownSent { backups } => format!("stand-down-sent {backups}"),
         N::StoodDown { told, confirmed } => format!("stood-down {confirmed}/{told}"),
+        N::Owner { epoch, .. } => format!("owner {epoch}"),
+        N::Fenced { why, .. } => format!("fenced {why}"),
     }
 }
 
@@ -158,6 +160,9 @@ pub fn backup_text(n: &BackupNotice) -> String {
         N::StandDown => "stand-down".into(),
         N::Rejected { reason } => format!("rejected {reason}"),
         N::Stopped { aborted_hook, .. } => format!("stopped aborted={aborted_hook}"),
+        N::ArbitrationWait { holder, why, .. } => format!("arbitration-wait {holder:?} {why}"),
+        N::ArbitrationWon { epoch, .. } => format!("arbitration-won {epoch}"),
+        N::ArbitrationLost { winner } => format!("arbitration-lost {winner}"),
     }
 }
 
