@@ -199,7 +199,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     }))
     .map_err(|e| format!("signals: {e}"))?;
     em.add_subscriber(Rc::new(RefCell::new(sigs)));
-    let code = run_loop(&mut em, &exit)?;
+    let code = run_loop(&mut em, &[&exit])?;
     // A backup that started a guest keeps the pair to the end: its lease runs out on its own
     // (TTL), never revoked from under a guest that may still run. Otherwise it holds nothing.
     if !serving.load(Ordering::SeqCst) {

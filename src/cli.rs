@@ -130,6 +130,16 @@ pub struct SourceArgs {
     /// the handoff is uncertain and the local guest stays paused (exit 6).
     #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_timeout)]
     pub handoff_timeout: Duration,
+    /// With --qmp: ask QEMU for its status this often (each answer due within the same time).
+    /// Two failures in a row: QEMU is killed (so it can never resume its guest), the source
+    /// says `fenced` and exits 4, and the backup takes over.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_timeout, requires = "qmp")]
+    pub health_interval: Duration,
+    /// The VMM this source serves, started as its child after the pair is owned: it dies with
+    /// the source (PR_SET_PDEATHSIG), and its exit ends the source (exit 8), so that the backup
+    /// takes over. Give it after `--`.
+    #[arg(last = true, value_name = "VMM_COMMAND")]
+    pub vmm: Vec<String>,
 }
 
 /// `vmm-takeover backup`.

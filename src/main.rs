@@ -14,6 +14,7 @@ mod hooks;
 mod output;
 mod signals;
 mod source_cmd;
+mod vmm_child;
 
 use std::cell::RefCell;
 use std::process::ExitCode;
@@ -54,6 +55,8 @@ pub mod exit {
     pub const UNCERTAIN: u8 = 6;
     /// The backup was stopped while `vm_start` ran; the hook was aborted.
     pub const ABORTED: u8 = 7;
+    /// The VMM the source served as its child (`-- CMD`) exited: its guest is gone.
+    pub const VMM_EXITED: u8 = 8;
 }
 
 /// Why a command ended before its loop ran: an exit code and a message.
@@ -123,10 +126,10 @@ impl Exit {
     }
 }
 
-/// Runs the loop until an observer sets the exit code.
-fn run_loop(em: &mut EventManager<Subscriber>, exit: &Exit) -> Result<u8, Failure> {
+/// Runs the loop until one of the observers sets an exit code.
+fn run_loop(em: &mut EventManager<Subscriber>, exits: &[&Exit]) -> Result<u8, Failure> {
     loop {
-        if let Some(code) = exit.get() {
+        if let Some(code) = exits.iter().find_map(|e| e.get()) {
             return Ok(code);
         }
         em.run()

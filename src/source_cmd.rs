@@ -6,7 +6,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use event_manager::{EventManager, SubscriberOps};
-use log::warn;
+use std::os::unix::process::ExitStatusExt;
+
+use log::{error, warn};
 use serde_json::json;
 use std::time::Duration;
 
@@ -18,6 +20,7 @@ use crate::cli::SourceArgs;
 use crate::events::{self, emit};
 use crate::guest_report::GuestReport;
 use crate::signals::{SignalKind, Signals};
+use crate::vmm_child::{VmmEnd, VmmWatch};
 use crate::{
     add_guest_report, close_arbiter, exit, hooks, keepalive_json, open_arbiter, run_loop, us, Exit,
     Failure,
@@ -48,6 +51,46 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
         g.start()
             .map_err(|e| Failure::runtime(format!("cannot start the local guest: {e}")))?;
     }
+    // The VMM child starts after the pair is ours, and shares fate with this process.
+    let vmm_exit = Exit::default();
+    let vx = vmm_exit.clone();
+    let watch = if a.vmm.is_empty() && a.qmp.is_none() {
+        None
+    } else {
+        let watch = VmmWatch::start(
+            &a.vmm,
+            a.qmp.clone(),
+            a.health_interval,
+            Box::new(move |end| match end {
+                VmmEnd::Exited(status) => {
+                    emit(
+                        "vmm-exited",
+                        json!({"code": status.code(), "signal": status.signal()}),
+                    );
+                    vx.set(exit::VMM_EXITED);
+                }
+                // Killed: its guest is gone, the pair may go (at exit). Not killed: it may
+                // resume; the pair stays held and nothing else starts (safe, not live).
+                VmmEnd::Unhealthy { why, killed } => {
+                    emit("vmm-unhealthy", json!({"why": why, "killed": killed}));
+                    if killed {
+                        emit(
+                            "fenced",
+                            json!({"why": format!("the VMM was unhealthy and was killed: {why}"),
+                                   "pause_error": null}),
+                        );
+                        vx.set(exit::OWNED);
+                    } else {
+                        error!("the VMM is unhealthy and could not be killed: holding the pair");
+                    }
+                }
+            }),
+        )?;
+        if let Some(pid) = watch.child_pid() {
+            emit("vmm-started", json!({"pid": pid, "argv": a.vmm}));
+        }
+        Some(watch)
+    };
     let exit = Exit::default();
     let (ex, g) = (exit.clone(), guest.clone());
     let mut listener = SourceListener::new(
@@ -195,7 +238,10 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     }))
     .map_err(|e| format!("signals: {e}"))?;
     em.add_subscriber(Rc::new(RefCell::new(sigs)));
-    let code = run_loop(&mut em, &exit);
+    if let Some(w) = watch {
+        em.add_subscriber(Rc::new(RefCell::new(w)));
+    }
+    let code = run_loop(&mut em, &[&exit, &vmm_exit]);
     // Stood down, handed off, fenced: the lease goes now rather than at its TTL.
     close_arbiter(session.as_ref());
     code
