@@ -32,8 +32,9 @@ fn env_num(name: &str, default: u64) -> u64 {
 
 /// (user, system) CPU time of this process.
 fn cpu_times() -> (Duration, Duration) {
-    // SAFETY: getrusage fills the struct we pass.
+    // SAFETY: rusage is plain old data.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we pass.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     (tv(ru.ru_utime), tv(ru.ru_stime))

@@ -46,7 +46,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
         hook,
         Box::new(move |n: &BackupNotice| match n {
             BackupNotice::Connecting { addr } => {
-                emit("connecting", json!({"addr": addr.to_string()}))
+                emit("connecting", json!({"addr": addr.to_string()}));
             }
             BackupNotice::Retrying {
                 why,

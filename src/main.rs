@@ -143,7 +143,7 @@ fn add_guest_report(
     guest: Option<vmm_takeover_guest::StandbyGuest>,
 ) -> Result<(), Failure> {
     if let Some(g) = guest {
-        let r = GuestReport::new(g, std::time::Duration::from_millis(500))
+        let r = GuestReport::new(g, Duration::from_millis(500))
             .map_err(|e| Failure::runtime(format!("guest report timer: {e}")))?;
         em.add_subscriber(Rc::new(RefCell::new(r)));
     }
@@ -190,6 +190,6 @@ fn keepalive_json(k: Option<&EffectiveKeepalive>) -> Value {
     }
 }
 
-fn us(d: std::time::Duration) -> u64 {
+fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }

@@ -183,7 +183,7 @@ fn write_whole(sink: &mut impl Write, mut bytes: &[u8]) -> io::Result<()> {
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => return Err(e),
         }
@@ -192,7 +192,7 @@ fn write_whole(sink: &mut impl Write, mut bytes: &[u8]) -> io::Result<()> {
         match sink.flush() {
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10))
+                std::thread::sleep(Duration::from_millis(10));
             }
             r => return r,
         }

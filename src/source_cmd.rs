@@ -106,7 +106,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                        "node": node}),
             ),
             SourceNotice::BackupLost { peer, why } => {
-                emit("backup-lost", json!({"peer": peer.to_string(), "why": why}))
+                emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
             }
             SourceNotice::BackupRejected { peer, why } => emit(
                 "backup-rejected",
@@ -125,7 +125,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                 json!({"peer": peer.to_string(), "heartbeats_skipped": skipped}),
             ),
             SourceNotice::AcceptFailed { error, count } => {
-                emit("accept-failed", json!({"error": error, "count": count}))
+                emit("accept-failed", json!({"error": error, "count": count}));
             }
             SourceNotice::HandoffRefused { why } => {
                 let why = match why {
@@ -133,14 +133,14 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                     Refusal::Busy => "busy",
                     Refusal::Finished => "finished",
                 };
-                emit("handoff-refused", json!({"why": why}))
+                emit("handoff-refused", json!({"why": why}));
             }
             SourceNotice::HandoffPaused => {
                 if let Some(g) = &g {
                     // Evidence for the record: the local guest is paused before HANDOFF leaves.
                     GuestReport::report(g);
                 }
-                emit("handoff-paused", json!({}))
+                emit("handoff-paused", json!({}));
             }
             SourceNotice::HandoffSent { to, others } => emit(
                 "handoff-sent",
@@ -165,7 +165,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                 emit(
                     "handoff-failed",
                     json!({"stage": stage, "error": error, "resumed": resumed}),
-                )
+                );
             }
             SourceNotice::HandoffUncertain { why } => {
                 emit("handoff-uncertain", json!({"why": why}));
@@ -173,7 +173,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             }
             SourceNotice::StandDownDeferred => emit("stand-down-deferred", json!({})),
             SourceNotice::StandDownSent { backups } => {
-                emit("stand-down", json!({"backups": backups}))
+                emit("stand-down", json!({"backups": backups}));
             }
             SourceNotice::StoodDown { told, confirmed } => {
                 emit("stood-down", json!({"told": told, "confirmed": confirmed}));

@@ -206,7 +206,7 @@ fn wait_peer_pid(path: &std::path::Path, timeout: Duration) -> Option<i32> {
                 uid: 0,
                 gid: 0,
             };
-            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            let mut len = size_of::<libc::ucred>() as libc::socklen_t;
             // SAFETY: SO_PEERCRED writes one ucred into the buffer of the given length.
             let r = unsafe {
                 libc::getsockopt(

@@ -600,8 +600,8 @@ impl Scenario {
         match self {
             Scenario::PowerLoss
             | Scenario::PartitionSourceToBackup
-            | Scenario::PartitionBackupToSource => Some(libc::ETIMEDOUT as i64),
-            Scenario::Reboot => Some(libc::ECONNRESET as i64),
+            | Scenario::PartitionBackupToSource => Some(i64::from(libc::ETIMEDOUT)),
+            Scenario::Reboot => Some(i64::from(libc::ECONNRESET)),
             _ => None,
         }
     }

@@ -100,7 +100,7 @@ fn fails_over_to_the_next_endpoint() {
     let t = Instant::now();
     match b.acquire(&p).unwrap() {
         Acquire::Held { owner, .. } => {
-            assert_eq!((owner.holder.as_str(), owner.epoch), ("a", epoch))
+            assert_eq!((owner.holder.as_str(), owner.epoch), ("a", epoch));
         }
         other => panic!("unexpected {other:?}"),
     }

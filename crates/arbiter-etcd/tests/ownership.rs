@@ -239,10 +239,10 @@ fn racing_holders_exactly_one_wins() {
         });
         match (&ra, &rb) {
             (Acquire::Won { epoch }, Acquire::Held { owner, .. }) => {
-                assert_eq!(owner, &ownership("a", *epoch), "round {round}")
+                assert_eq!(owner, &ownership("a", *epoch), "round {round}");
             }
             (Acquire::Held { owner, .. }, Acquire::Won { epoch }) => {
-                assert_eq!(owner, &ownership("b", *epoch), "round {round}")
+                assert_eq!(owner, &ownership("b", *epoch), "round {round}");
             }
             _ => panic!("round {round}: not exactly one winner: {ra:?} / {rb:?}"),
         }

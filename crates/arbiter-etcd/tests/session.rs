@@ -102,7 +102,7 @@ fn a_session_that_stops_renewing_loses_the_pair_after_its_ttl() {
     assert!(matches!(a.renew(), Err(ArbiterError::LeaseLost(_))));
     match a.acquire(&p).unwrap() {
         Acquire::Held { owner, .. } => {
-            assert_eq!((owner.holder.as_str(), owner.epoch), ("b", epoch_b))
+            assert_eq!((owner.holder.as_str(), owner.epoch), ("b", epoch_b));
         }
         other => panic!("unexpected {other:?}"),
     }

@@ -186,7 +186,7 @@ impl GuestMemory {
                 bytes.as_ptr(),
                 self.ptr.as_ptr().add(offset),
                 bytes.len(),
-            )
+            );
         };
         Ok(())
     }
@@ -372,7 +372,7 @@ impl DummyVm {
     pub fn new() -> Result<Self, KvmDummyError> {
         let ctx = setup()?;
         let control = GuestControl::spawn("kvm-dummy", "kvm-dummy-vcpu0", move |gate| {
-            vcpu_loop(ctx, gate)
+            vcpu_loop(ctx, gate);
         })
         .map_err(KvmDummyError::Spawn)?;
         debug!("kvm-dummy: VM created paused");

@@ -15,7 +15,6 @@
 //! (or to be paused). [`CommandHook`] and [`QmpVm`] are bounded by a timeout and hand out an
 //! [`vmm_takeover_core::AbortHandle`]; the standby guests can be given a run deadline that their
 //! vCPU thread enforces itself ([`GuestControl::set_run_deadline`]).
-#![deny(missing_docs)]
 
 pub mod command;
 mod gate;

@@ -226,7 +226,7 @@ fn set_send_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
     let timeout = timeout.max(Duration::from_micros(1));
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
     };
     // SAFETY: `tv` is a valid timeval and its size is passed.
     let rc = unsafe {
@@ -235,7 +235,7 @@ fn set_send_timeout(fd: &OwnedFd, timeout: Duration) -> std::io::Result<()> {
             libc::SOL_SOCKET,
             libc::SO_SNDTIMEO,
             (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
     if rc < 0 {

@@ -199,7 +199,7 @@ fn full_listener(path: &Path) -> (UnixListener, UnixStream) {
         libc::bind(
             raw,
             (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            size_of::<libc::sockaddr_un>() as libc::socklen_t,
         )
     };
     assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());

@@ -8,7 +8,6 @@
 //! `TCP_USER_TIMEOUT`, so unacknowledged data cannot keep a dead link open for longer either.
 //!
 //! Linux only: `TCP_USER_TIMEOUT` and the `/proc` sysctls are Linux interfaces.
-#![deny(missing_docs)]
 
 mod parse;
 mod sockopt;
@@ -347,7 +346,7 @@ impl fmt::Display for EffectiveKeepalive {
         }
         match self.user_timeout {
             Some(timeout) if timeout.subsec_nanos().is_multiple_of(1_000_000) => {
-                write!(f, "user_timeout={}ms", timeout.as_millis())?
+                write!(f, "user_timeout={}ms", timeout.as_millis())?;
             }
             Some(timeout) => write!(f, "user_timeout={timeout:?}")?,
             None => f.write_str("user_timeout=none")?,

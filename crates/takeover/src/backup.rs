@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
 use socket2::{Domain, Protocol, Socket, Type};
-use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec, UserTimeout};
+use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec, SystemDefaults, UserTimeout};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::arbiter::{Acquire, ArbiterError};
@@ -139,8 +139,22 @@ impl BackupConfig {
     /// does: a live source would be taken over. Without it the kernel's keepalive still bounds
     /// the detection of a dead source by `idle + intvl × cnt`, and the backup sends nothing that
     /// could sit unacknowledged on an armed link, which is what the user timeout is for.
+    ///
+    /// With the precise watchdog the kernel's probe count is also raised to its maximum: the
+    /// watchdog enforces the configured bound from `TCP_INFO`, and only after reading what
+    /// arrived, while the kernel would count unanswered probes even while this backup's own loop
+    /// stalls with a full receive buffer (measured: it then drops the source's answers and
+    /// aborts the link).
     pub fn link_keepalive(&self) -> KeepaliveSpec {
-        self.keepalive.with_user_timeout(UserTimeout::Off)
+        let spec = self.keepalive.with_user_timeout(UserTimeout::Off);
+        if self.keepalive_watchdog && spec.enabled {
+            KeepaliveSpec {
+                count: Some(KeepaliveSpec::MAX_COUNT),
+                ..spec
+            }
+        } else {
+            spec
+        }
     }
 }
 
@@ -343,7 +357,21 @@ pub struct BackupMonitor {
     /// Whether the link was armed before the input being handled (for the stop report).
     was_armed: bool,
     arbiter: Option<Arbitration>,
+    /// When the armed link's timer is due: a loss found well after it means this backup's own
+    /// loop was stalled (see [`STALL_TOLERANCE`]).
+    next_due: Option<Instant>,
+    /// When this backup's loop was last found stalled: losses soon after are verified too (the
+    /// link is still recovering from the stall: retransmissions, a reset from either kernel).
+    stalled_at: Option<Instant>,
 }
+
+/// How late past its due time the armed link's timer may fire before a loss found then counts
+/// as found after a stall of this backup's own loop (and is verified before it is a verdict).
+pub const STALL_TOLERANCE: Duration = Duration::from_millis(250);
+
+/// How long after a stall of this backup's loop a loss is still verified first: long enough for
+/// the link to recover from what the stall did to it (retransmissions, a reset).
+pub const STALL_RECOVERY: Duration = Duration::from_secs(3);
 
 /// Rate limit for reports of failed attempts.
 #[derive(Debug, Default)]
@@ -385,6 +413,8 @@ impl BackupMonitor {
             last_errno: None,
             was_armed: false,
             arbiter: None,
+            next_due: None,
+            stalled_at: None,
         })
     }
 
@@ -745,7 +775,18 @@ impl BackupMonitor {
         self.attempt = 0;
         self.retries = RetryReports::default();
         self.armed_at = Some(SystemTime::now());
+        // What the kernel applies, with the count the watchdog enforces (the kernel's own is
+        // raised out of the way: see `BackupConfig::link_keepalive`).
+        let configured = self
+            .cfg
+            .keepalive
+            .with_user_timeout(UserTimeout::Off)
+            .resolve(&SystemDefaults::read_or_linux());
         self.keepalive = match self.sock.as_ref().map(EffectiveKeepalive::read_from) {
+            Some(Ok(k)) if self.cfg.keepalive_watchdog => Some(EffectiveKeepalive {
+                count: configured.count,
+                ..k
+            }),
             Some(Ok(k)) => Some(k),
             Some(Err(e)) => {
                 warn!("cannot read keepalive back: {e}");
@@ -761,8 +802,9 @@ impl BackupMonitor {
         self.last_rx = Instant::now();
         let deadline = self.deadline();
         if deadline.is_some() || self.watchdog.is_some() {
-            let _ = self.timer.arm(self.next_check(), None);
+            self.arm_check(self.next_check());
         } else {
+            self.next_due = None;
             let _ = self.timer.disarm();
         }
         let peer = self.cfg.connect;
@@ -851,7 +893,7 @@ impl BackupMonitor {
         let _ = self.timer.disarm();
         // Our copy does not run: the pair goes back, so that the source (after a failed handoff)
         // or another backup can take it. After a timeout it may run: the pair stays ours.
-        if outcome == Outcome::StartFailed {
+        if !matches!(outcome, Outcome::Started | Outcome::StartTimedOut) {
             self.release_pair();
         }
         let result = self.hook_result.clone();
@@ -969,7 +1011,10 @@ impl BackupMonitor {
                 return;
             };
             match (&*sock).read(&mut buf) {
-                Ok(0) => return self.feed(ops, Input::PeerClosed, "EOF from source"),
+                Ok(0) => {
+                    let input = self.judge_loss(Input::PeerClosed);
+                    return self.feed(ops, input, "EOF from source");
+                }
                 Ok(n) => {
                     self.reader.push(&buf[..n]);
                     let drained = n < buf.len();
@@ -1002,8 +1047,8 @@ impl BackupMonitor {
                 Err(e) => {
                     let errno = e.raw_os_error().unwrap_or(0);
                     self.last_errno = Some(errno);
-                    let f = SocketFailure::from_errno(errno);
-                    return self.feed(ops, Input::Failed(f), &format!("{e} (errno {errno})"));
+                    let input = self.judge_loss(Input::Failed(SocketFailure::from_errno(errno)));
+                    return self.feed(ops, input, &format!("{e} (errno {errno})"));
                 }
             }
         }
@@ -1061,7 +1106,9 @@ impl BackupMonitor {
             (Link::Handshaking, Frame::Reject { code, reason }) => {
                 let why = format!("rejected by the source ({}): {reason}", code.as_str());
                 warn!("{why}");
-                if code.is_permanent() && !self.cfg.retry_rejected {
+                if code == crate::protocol::RejectCode::Stopping {
+                    (Input::SourceStopping, Some(why))
+                } else if code.is_permanent() && !self.cfg.retry_rejected {
                     (Input::RejectedPermanent, Some(why))
                 } else {
                     (Input::RejectedTransient, Some(why))
@@ -1129,7 +1176,7 @@ impl BackupMonitor {
                     ops,
                     Input::HandshakeTimeout,
                     &format!("handshake not done within {t:?}"),
-                )
+                );
             }
             _ => {}
         }
@@ -1138,6 +1185,7 @@ impl BackupMonitor {
     /// The armed link's one timer: the heartbeat deadline and the keepalive watchdog, whichever
     /// comes first.
     fn on_deadline(&mut self, ops: &mut EventOps) {
+        self.note_stall(Instant::now());
         if self.deadline().is_none() && self.watchdog.is_none() {
             // Nothing should be armed; clear a stale expiration.
             self.timer.expirations();
@@ -1159,11 +1207,55 @@ impl BackupMonitor {
                 if input == Input::Failed(SocketFailure::TimedOut) {
                     self.last_errno = Some(libc::ETIMEDOUT);
                 }
-                self.feed(ops, input, &detail)
+                let input = self.judge_loss(input);
+                self.feed(ops, input, &detail);
             }
             None => {
                 let next = self.next_check();
-                let _ = self.timer.arm(next, None);
+                self.arm_check(next);
+            }
+        }
+    }
+
+    /// Arms the armed link's timer and remembers when it is due.
+    fn arm_check(&mut self, after: Duration) {
+        self.next_due = Instant::now().checked_add(after);
+        let _ = self.timer.arm(after, None);
+    }
+
+    /// An EOF or errno on the armed link found long after the link's timer was due was found
+    /// after a stall of this loop: it is verified before it counts.
+    fn judge_loss(&mut self, input: Input) -> Input {
+        if !self.state.armed() {
+            return input;
+        }
+        let Some(reason) = machine::verdict_reason(input) else {
+            return input;
+        };
+        if reason == TakeoverReason::Handoff {
+            return input;
+        }
+        let now = Instant::now();
+        self.note_stall(now);
+        let window = STALL_RECOVERY + self.deadline().unwrap_or_default();
+        match self.stalled_at {
+            Some(t) if now.saturating_duration_since(t) < window => {
+                warn!("link loss ({reason}) soon after this backup's own loop stalled: verifying");
+                Input::LossAfterStall(reason)
+            }
+            _ => input,
+        }
+    }
+
+    /// Notes a stall of this loop: the armed link's timer is well past due.
+    fn note_stall(&mut self, now: Instant) {
+        if let Some(due) = self.next_due {
+            if now > due + STALL_TOLERANCE {
+                warn!(
+                    "this backup's loop was stalled ({:?} past a timer)",
+                    now - due
+                );
+                self.stalled_at = Some(now);
             }
         }
     }
@@ -1250,7 +1342,7 @@ impl BackupMonitor {
 fn tcp_silence(sock: &Socket) -> io::Result<Duration> {
     let info = crate::tcp_info(sock)?;
     let ms = info.tcpi_last_data_recv.min(info.tcpi_last_ack_recv);
-    Ok(Duration::from_millis(ms as u64))
+    Ok(Duration::from_millis(u64::from(ms)))
 }
 
 impl MutEventSubscriber for BackupMonitor {

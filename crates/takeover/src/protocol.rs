@@ -314,11 +314,11 @@ impl Frame {
             } => {
                 // Mode byte first so that "heartbeat every 0 µs" stays distinguishable from
                 // "no heartbeat" and can be refused by the backup.
-                payload.push(heartbeat.is_some() as u8);
-                let us = heartbeat.map_or(0, |d| d.as_micros().min(u32::MAX as u128) as u32);
+                payload.push(u8::from(heartbeat.is_some()));
+                let us = heartbeat.map_or(0, |d| d.as_micros().min(u128::from(u32::MAX)) as u32);
                 payload.extend_from_slice(&us.to_be_bytes());
                 put_short(&mut payload, node.as_bytes(), MAX_NODE);
-                let ms = fence_grace.as_millis().min(u32::MAX as u128) as u32;
+                let ms = fence_grace.as_millis().min(u128::from(u32::MAX)) as u32;
                 payload.extend_from_slice(&ms.to_be_bytes());
             }
             Frame::Reject { code, reason } => {
@@ -372,7 +372,7 @@ impl Frame {
                 let heartbeat = match p[0] {
                     0 if us == 0 => None,
                     0 => return Err(bad("an interval without heartbeat mode")),
-                    1 => Some(Duration::from_micros(us as u64)),
+                    1 => Some(Duration::from_micros(u64::from(us))),
                     m => return Err(bad(&format!("unknown heartbeat mode {m} (0 or 1)"))),
                 };
                 let mut r = Cursor(&p[5..]);

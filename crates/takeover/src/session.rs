@@ -263,7 +263,7 @@ impl Worker {
                     return;
                 }
                 Ok(Cmd::Acquire(pair, at, reply)) if at > Instant::now() => {
-                    self.pending.push((at, Cmd::Acquire(pair, at, reply)))
+                    self.pending.push((at, Cmd::Acquire(pair, at, reply)));
                 }
                 Ok(cmd) => self.execute(cmd),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -287,7 +287,7 @@ impl Worker {
             Cmd::Acquire(pair, _, reply) => reply(self.arbiter.acquire(&pair)),
             Cmd::Release(pair, epoch, reply) => reply(self.arbiter.release(&pair, epoch)),
             Cmd::HandOver(pair, epoch, to, reply) => {
-                reply(self.arbiter.hand_over(&pair, epoch, &to))
+                reply(self.arbiter.hand_over(&pair, epoch, &to));
             }
             Cmd::Owner(pair, reply) => reply(self.arbiter.owner(&pair)),
             Cmd::Close(ack) => {

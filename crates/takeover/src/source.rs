@@ -1094,7 +1094,7 @@ impl SourceListener {
             (ConnState::Joined | ConnState::Target, s)
                 if !matches!(s, ConnState::Joined | ConnState::Target) =>
             {
-                self.joined -= 1
+                self.joined -= 1;
             }
             (s, ConnState::Joined) if s != ConnState::Joined => self.joined += 1,
             _ => {}
@@ -1598,10 +1598,12 @@ impl SourceListener {
         for n in &notices {
             match n {
                 SourceNotice::BackupSlow { peer, unsent } => {
-                    warn!("backup {peer} does not read ({unsent} bytes unsent): heartbeats skipped")
+                    warn!(
+                        "backup {peer} does not read ({unsent} bytes unsent): heartbeats skipped"
+                    );
                 }
                 SourceNotice::BackupCaughtUp { peer, skipped } => {
-                    info!("backup {peer} reads again ({skipped} heartbeats skipped)")
+                    info!("backup {peer} reads again ({skipped} heartbeats skipped)");
                 }
                 _ => {}
             }
@@ -1665,7 +1667,7 @@ impl SourceListener {
                     "pause",
                     format!("the pause hook did not return within {t:?}"),
                 );
-                self.feed(ops, Input::PauseTimeout)
+                self.feed(ops, Input::PauseTimeout);
             }
             State::AwaitingBackup => {
                 let t = self.cfg.handoff_timeout;
@@ -1673,7 +1675,7 @@ impl SourceListener {
                     "backup-start",
                     format!("no result from the backup within {t:?}"),
                 );
-                self.feed(ops, Input::ResultTimeout)
+                self.feed(ops, Input::ResultTimeout);
             }
             State::HandingOver => {
                 let t = self.cfg.pause_timeout;
@@ -1681,7 +1683,7 @@ impl SourceListener {
                     "hand-over",
                     format!("no answer from the arbiter within {t:?}"),
                 );
-                self.feed(ops, Input::HandOverFailed)
+                self.feed(ops, Input::HandOverFailed);
             }
             State::Resuming => {
                 self.resumed = false;
@@ -1690,7 +1692,7 @@ impl SourceListener {
                     "resume",
                     format!("the resume hook did not return within {t:?}"),
                 );
-                self.feed(ops, Input::ResumeFailed)
+                self.feed(ops, Input::ResumeFailed);
             }
             State::StoodDown if self.told != usize::MAX => self.finish_stand_down(),
             _ => {}
@@ -1787,11 +1789,18 @@ fn write_out(c: &mut Conn) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether everything sent on `sock` was acknowledged (`TCP_INFO`'s `tcpi_unacked` is 0): what a
-/// live peer with a closed window looks like, unlike a dead one.
+/// Whether the peer of `sock` is alive though it does not read: everything sent was acknowledged
+/// (a closed window holds the rest back), or it acknowledged something within [`ALIVE_WINDOW`]
+/// (a full receive queue drops new segments but still answers). A dead peer does neither.
 fn acked_all(sock: &Socket) -> bool {
-    crate::tcp_info(sock).is_ok_and(|i| i.tcpi_unacked == 0)
+    crate::tcp_info(sock).is_ok_and(|i| {
+        i.tcpi_unacked == 0 || Duration::from_millis(i.tcpi_last_ack_recv.into()) < ALIVE_WINDOW
+    })
 }
+
+/// A peer that acknowledged something this recently is alive, even with data unacknowledged:
+/// a receiver whose queue is full drops new segments but still answers.
+const ALIVE_WINDOW: Duration = Duration::from_secs(1);
 
 /// Bytes written to `sock` that the kernel has not sent yet (`SIOCOUTQNSD`): above zero only while
 /// the peer's window is closed, i.e. while the backup does not read.
@@ -1839,7 +1848,7 @@ impl MutEventSubscriber for SourceListener {
             TOKEN_ACCEPT => self.resume_accept(ops),
             TOKEN_FENCE => self.on_fence_timer(ops),
             t if t >= TOKEN_CONN_BASE => {
-                self.on_conn(ops, (t - TOKEN_CONN_BASE) as usize, events.event_set())
+                self.on_conn(ops, (t - TOKEN_CONN_BASE) as usize, events.event_set());
             }
             t => warn!("source: event for unknown token {t}"),
         }

@@ -53,12 +53,30 @@ fn a_stalled_backup_with_a_full_buffer_never_takes_over() {
         None,
         stall.saturating_sub(t.elapsed()) + Duration::from_millis(500),
     );
-    notices.wait_all(None, &["src: caught-up"]);
+    // Either the link lived through it (the source saw the backup read again), or one of the
+    // kernels dropped it while the backup's receive queue overflowed: then the backup, knowing
+    // its own loop stalled, redialled before judging, found the source alive and armed again.
+    let deadline = Instant::now() + BOUND;
+    let rearmed = |n: &Notices| n.seen.iter().filter(|s| *s == "bak: armed").count() >= 2;
+    while !notices.saw("src: caught-up") && !rearmed(&notices) {
+        assert!(
+            Instant::now() < deadline,
+            "no recovery: {:#?}",
+            notices.seen
+        );
+        notices.run_for(None, Duration::from_millis(50));
+    }
     notices.run_for(None, Duration::from_millis(300));
     assert!(!notices.saw("bak: link-lost"), "{:#?}", notices.seen);
-    assert!(!notices.saw("src: lost"), "{:#?}", notices.seen);
-    let received = bak.lock().unwrap().heartbeat_stats().received;
-    assert!(received > 0);
+    assert!(!notices.saw("bak: takeover"), "{:#?}", notices.seen);
+    let before = bak.lock().unwrap().heartbeat_stats().received;
+    notices.run_for(None, Duration::from_millis(300));
+    assert!(bak.lock().unwrap().state().armed(), "{:#?}", notices.seen);
+    assert!(
+        bak.lock().unwrap().heartbeat_stats().received > before,
+        "no heartbeats after the stall: {:#?}",
+        notices.seen
+    );
 
     // Stalled again, full again; the source stands down meanwhile.
     let t = Instant::now();
@@ -86,7 +104,7 @@ fn a_hook_that_never_returns_times_out_and_is_aborted() {
     let m = add(
         &mut em,
         backup(&notices, addr, hanging.clone(), |c| {
-            c.hook_timeout = Duration::from_millis(400)
+            c.hook_timeout = Duration::from_millis(400);
         }),
     );
     notices.wait(Some(&mut em), "bak: armed");

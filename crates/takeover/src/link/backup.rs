@@ -21,6 +21,11 @@ use crate::hook::TakeoverReason;
 pub enum Phase {
     /// Watching the source. A loss of the link is a verdict only once it has armed (`Link::Up`).
     Watching,
+    /// The armed link was lost while this backup's own loop was stalled (its timer fired late):
+    /// the loss may be the stall's doing (the source dropped or its kernel reset a backup that
+    /// did not read), so the backup first redials. If the source answers, it lives: armed again,
+    /// no takeover. If it does not, the loss is a verdict for this reason.
+    Verifying(TakeoverReason),
     /// The armed link was lost for this reason; the guest starts only once the arbiter grants the
     /// pair. The link is redialled meanwhile: if it arms again, the source lives and the backup
     /// goes back to `Watching`.
@@ -114,12 +119,17 @@ pub enum Input {
     /// A REJECT that may heal (the source is busy or stopping), or a permanent one the owner
     /// asked to retry.
     RejectedTransient,
+    /// REJECT with the "stopping" code: the source is standing down or handing off.
+    SourceStopping,
     /// EVICT: the source lives and drops this connection; dial again.
     Evicted,
     /// Bytes that are not a valid frame, or a valid frame out of place.
     ProtocolError,
     /// `read` returned 0.
     PeerClosed,
+    /// EOF or a socket error on the armed link, found after this backup's own loop was stalled:
+    /// not a verdict until the source is asked again.
+    LossAfterStall(TakeoverReason),
     /// The socket reported an error.
     Failed(SocketFailure),
     /// The handshake did not finish in time.
@@ -199,6 +209,7 @@ fn ends_unarmed_link(input: Input) -> bool {
             | Input::HandshakeTimeout
             | Input::ProtocolError
             | Input::Evicted
+            | Input::SourceStopping
             | Input::RejectedTransient
             | Input::Heartbeat
             | Input::StandDown
@@ -219,7 +230,7 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
         // Terminal: absorbs everything, so the hook can never run twice.
         P::Done(_) => same,
 
-        P::Watching | P::Arbitrating(_) if input == I::Stop => to(
+        P::Watching | P::Verifying(_) | P::Arbitrating(_) if input == I::Stop => to(
             P::Done(Outcome::Stopped),
             L::Down,
             &[A::Finish(Outcome::Stopped)],
@@ -251,12 +262,52 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
             // starts a second copy on the strength of corrupted bytes.
             (
                 L::Up,
-                I::ProtocolError | I::Evicted | I::RejectedPermanent | I::RejectedTransient,
+                I::ProtocolError
+                | I::Evicted
+                | I::RejectedPermanent
+                | I::RejectedTransient
+                | I::SourceStopping,
             ) => to(phase, L::Down, &[A::Redial]),
+            (L::Up, I::LossAfterStall(r)) => to(P::Verifying(r), L::Down, &[A::Redial]),
             (L::Up, i) => match verdict_reason(i) {
                 Some(r) => take_over(r, policy),
                 None => same,
             },
+            _ => same,
+        },
+
+        P::Verifying(r) => match (link, input) {
+            (L::Down, I::BackoffElapsed) => to(phase, L::Connecting, &[A::Connect]),
+            (L::Connecting, I::Connected) => to(phase, L::Handshaking, &[]),
+            // The source answered: it lives. The loss was the stall's.
+            (L::Handshaking, I::Welcomed) => to(P::Watching, L::Up, &[A::Arm]),
+            // It answered that it is stopping: the STAND_DOWN this backup missed while stalled.
+            (L::Connecting | L::Handshaking, I::SourceStopping) => to(
+                P::Done(Outcome::StoodDown),
+                L::Down,
+                &[A::Finish(Outcome::StoodDown)],
+            ),
+            // It answered, but refuses or drops us: alive all the same; dial on, unarmed.
+            (
+                L::Connecting | L::Handshaking,
+                I::RejectedPermanent | I::RejectedTransient | I::Evicted,
+            ) => to(P::Watching, L::Down, &[A::Redial]),
+            // No answer: the loss stands (the redial's socket goes either way).
+            (L::Connecting | L::Handshaking, i) if ends_unarmed_link(i) => {
+                if policy.arbitrated {
+                    to(
+                        P::Arbitrating(r),
+                        L::Down,
+                        &[A::Verdict(r), A::Redial, A::Arbitrate],
+                    )
+                } else {
+                    to(
+                        P::Starting(r),
+                        L::Down,
+                        &[A::Verdict(r), A::StartGuest(r), A::DropLink],
+                    )
+                }
+            }
             _ => same,
         },
 
@@ -268,6 +319,12 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
             (L::Handshaking, I::Welcomed) => {
                 to(P::Watching, L::Up, &[A::CancelArbitration, A::Arm])
             }
+            // It is stopping in order: a stand-down, not a death.
+            (L::Connecting | L::Handshaking, I::SourceStopping) => to(
+                P::Done(Outcome::StoodDown),
+                L::Down,
+                &[A::CancelArbitration, A::Finish(Outcome::StoodDown)],
+            ),
             (L::Down, I::BackoffElapsed) => to(phase, L::Connecting, &[A::Connect]),
             (L::Connecting, I::Connected) => to(phase, L::Handshaking, &[]),
             // While arbitrating, every failure of the redial is only a reason to dial again.
@@ -358,6 +415,7 @@ fn finish(outcome: Outcome, before: &[Action]) -> (State, Actions<Action>) {
 pub fn all_phases() -> Vec<Phase> {
     let mut v = vec![Phase::Watching, Phase::Aborting];
     for r in TakeoverReason::ALL {
+        v.push(Phase::Verifying(r));
         v.push(Phase::Arbitrating(r));
         v.push(Phase::Starting(r));
     }
@@ -389,9 +447,12 @@ pub fn all_inputs() -> Vec<Input> {
         Input::Handoff,
         Input::RejectedPermanent,
         Input::RejectedTransient,
+        Input::SourceStopping,
         Input::Evicted,
         Input::ProtocolError,
         Input::PeerClosed,
+        Input::LossAfterStall(TakeoverReason::Reset),
+        Input::LossAfterStall(TakeoverReason::PeerClosed),
         Input::HandshakeTimeout,
         Input::HeartbeatDeadline,
         Input::ArbiterWon,

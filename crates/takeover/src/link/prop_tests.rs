@@ -6,6 +6,10 @@ use proptest::prelude::*;
 use super::backup::{self, Action as BA, Input as BI, Link, Phase};
 use super::source::{self, Action as SA, HandoffStatus, Input as SI};
 
+fn before_phase(s: backup::State) -> Phase {
+    s.phase
+}
+
 fn backup_input() -> impl Strategy<Value = BI> {
     proptest::sample::select(backup::all_inputs())
 }
@@ -32,14 +36,23 @@ proptest! {
             let before = s;
             let (next, actions) = backup::step(s, input, policy);
             if actions.any(|a| matches!(a, BA::Verdict(_))) {
-                verdict = backup::verdict_reason(input);
+                verdict = match before_phase(s) {
+                    Phase::Verifying(v) => Some(v),
+                    _ => backup::verdict_reason(input),
+                };
             }
             for a in actions.iter() {
                 match a {
                     BA::Verdict(r) => {
-                        // A verdict only comes from an armed link, and only for its own reason.
-                        prop_assert!(before.armed(), "verdict from {before:?} on {input:?}");
-                        prop_assert_eq!(Some(r), backup::verdict_reason(input));
+                        // A verdict only comes from an armed link, for its own reason, or from a
+                        // verification of a loss after a stall that found no source.
+                        match before.phase {
+                            Phase::Verifying(v) => prop_assert_eq!(r, v),
+                            _ => {
+                                prop_assert!(before.armed(), "verdict from {before:?} on {input:?}");
+                                prop_assert_eq!(Some(r), backup::verdict_reason(input));
+                            }
+                        }
                     }
                     BA::StartGuest(r) => {
                         starts += 1;
@@ -47,6 +60,12 @@ proptest! {
                         if arbitrated {
                             prop_assert_eq!(input, BI::ArbiterWon);
                             prop_assert!(matches!(before.phase, Phase::Arbitrating(_)));
+                        } else if let Phase::Verifying(v) = before.phase {
+                            // The redial after a stall found no source.
+                            prop_assert_eq!(r, v);
+                            prop_assert!(!matches!(input,
+                                BI::Welcomed | BI::RejectedPermanent | BI::RejectedTransient
+                                    | BI::Evicted));
                         } else {
                             // A frame that did not pass the handshake never starts a guest.
                             prop_assert!(before.armed(), "start from {before:?} on {input:?}");

@@ -74,7 +74,9 @@ fn phase_matches(pat: &str, p: Phase) -> bool {
     let (name, arg) = split_call(pat);
     match (name, p) {
         ("Watching", Phase::Watching) | ("Aborting", Phase::Aborting) => true,
-        ("Arbitrating", Phase::Arbitrating(_)) | ("Starting", Phase::Starting(_)) => true,
+        ("Arbitrating", Phase::Arbitrating(_))
+        | ("Starting", Phase::Starting(_))
+        | ("Verifying", Phase::Verifying(_)) => true,
         ("Done", Phase::Done(o)) => arg == Some("*") || outcome(arg.unwrap_or("")) == o,
         _ => false,
     }
@@ -83,6 +85,7 @@ fn phase_matches(pat: &str, p: Phase) -> bool {
 fn input_matches(pat: &str, i: BI) -> bool {
     match (split_call(pat), i) {
         (("Failed", Some("*")), BI::Failed(_)) => true,
+        (("LossAfterStall", Some("r")), BI::LossAfterStall(_)) => true,
         ((name, None), i) => format!("{i:?}") == name,
         _ => false,
     }
@@ -122,8 +125,9 @@ fn expected_backup(
         {
             continue;
         }
-        let r = match phase {
-            Phase::Arbitrating(r) | Phase::Starting(r) => Some(r),
+        let r = match (phase, input) {
+            (Phase::Arbitrating(r) | Phase::Starting(r) | Phase::Verifying(r), _) => Some(r),
+            (_, BI::LossAfterStall(r)) => Some(r),
             _ => backup::verdict_reason(input),
         };
         let next_phase = match split_call(&np) {
@@ -131,6 +135,7 @@ fn expected_backup(
             ("Watching", _) => Phase::Watching,
             ("Aborting", _) => Phase::Aborting,
             ("Arbitrating", _) => Phase::Arbitrating(r.expect("reason")),
+            ("Verifying", _) => Phase::Verifying(r.expect("reason")),
             ("Starting", _) => Phase::Starting(r.expect("reason")),
             ("Done", Some(o)) => Phase::Done(outcome(o)),
             other => panic!("unknown phase {other:?}"),
