@@ -41,6 +41,13 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     // Once the standby guest runs here, a stop ends this process (the guest's VMM) directly.
     let serving = Arc::new(AtomicBool::new(false));
     let sv = serving.clone();
+    // A takeover began: from then on the pair may hold a running guest, so the lease is never
+    // revoked (it runs out on its own).
+    let took_over = Arc::new(AtomicBool::new(false));
+    let to = took_over.clone();
+    // A stop asked for while vm_start ran, which the hook won: honoured once it reports.
+    let stop_asked = Arc::new(AtomicBool::new(false));
+    let sa = stop_asked.clone();
     let monitor = BackupMonitor::new(
         cfg,
         hook,
@@ -88,17 +95,20 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 "link-lost",
                 json!({"reason": reason.as_str(), "detail": detail}),
             ),
-            BackupNotice::Takeover(r) => emit(
-                "takeover",
-                json!({
-                    "reason": r.reason.as_str(),
-                    "errno": r.errno,
-                    "epoch": r.epoch,
-                    "detail": r.detail,
-                    "armed_at_unix_us": unix_us(r.armed_at),
-                    "detected_at_unix_us": unix_us(r.detected_at),
-                }),
-            ),
+            BackupNotice::Takeover(r) => {
+                to.store(true, Ordering::SeqCst);
+                emit(
+                    "takeover",
+                    json!({
+                        "reason": r.reason.as_str(),
+                        "errno": r.errno,
+                        "epoch": r.epoch,
+                        "detail": r.detail,
+                        "armed_at_unix_us": unix_us(r.armed_at),
+                        "detected_at_unix_us": unix_us(r.detected_at),
+                    }),
+                );
+            }
             BackupNotice::HookFinished { result, took } => match result {
                 Ok(()) => {
                     emit(
@@ -106,7 +116,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                         json!({"took_us": us(*took),
                                "guest_counter": g.as_ref().map(|g| g.counter())}),
                     );
-                    if keep_running {
+                    if keep_running && !sa.load(Ordering::SeqCst) {
                         sv.store(true, Ordering::SeqCst);
                     } else {
                         ex.set(exit::OK);
@@ -126,7 +136,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 ex.set(exit::OK);
             }
             BackupNotice::Rejected { reason } => {
-                emit("rejected", json!({"reason": reason}));
+                emit("rejected", json!({"why": reason}));
                 ex.set(exit::REJECTED);
             }
             BackupNotice::ArbitrationWait {
@@ -159,7 +169,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                     json!({"aborted_hook": aborted_hook, "armed": was_armed,
                            "heartbeats": heartbeats.received,
                            "max_gap_us": us(heartbeats.max_gap),
-                           "deadline_us": deadline.map(us)}),
+                           "deadline_us": deadline.map(us), "after_takeover": false}),
                 );
                 ex.set(if *aborted_hook {
                     exit::ABORTED
@@ -187,9 +197,14 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     let started = serving.clone();
     let sigs = Signals::install(Box::new(move |kind| match kind {
         SignalKind::Stop => {
+            stop_asked.store(true, Ordering::SeqCst);
             // After a takeover with --vm the monitor is done; this process is the guest's VMM.
             if started.load(Ordering::SeqCst) || !handle.stop() {
-                emit("stopped", json!({"guest_running": true}));
+                emit(
+                    "stopped",
+                    json!({"aborted_hook": false, "armed": false, "heartbeats": null,
+                           "max_gap_us": null, "deadline_us": null, "after_takeover": true}),
+                );
                 ex.set(exit::OK);
             }
         }
@@ -202,7 +217,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     let code = run_loop(&mut em, &[&exit])?;
     // A backup that started a guest keeps the pair to the end: its lease runs out on its own
     // (TTL), never revoked from under a guest that may still run. Otherwise it holds nothing.
-    if !serving.load(Ordering::SeqCst) {
+    if !took_over.load(Ordering::SeqCst) {
         close_arbiter(session.as_ref());
     }
     Ok(code)

@@ -37,6 +37,9 @@ impl Who {
 
 struct Demo {
     rx: Receiver<(Who, Value)>,
+    /// The timeline, printed sorted by time at the end: the two processes' events arrive in any
+    /// order, and the demo waits for them in the order the story needs.
+    timeline: std::cell::RefCell<Vec<(u64, String, String)>>,
     /// Events of the process not being waited on are kept for later, not dropped: the two
     /// processes' events interleave in any order.
     pending: std::cell::RefCell<[VecDeque<Value>; 2]>,
@@ -74,7 +77,18 @@ impl Demo {
     }
 
     fn line(&self, us: u64, who: &str, text: &str) {
-        println!("[{}] {who:<7} {text}", self.at(us));
+        self.timeline
+            .borrow_mut()
+            .push((us, who.to_string(), text.to_string()));
+    }
+
+    /// Prints the timeline in time order (a stable sort keeps same-instant lines as logged).
+    fn print_timeline(&self) {
+        let mut t = self.timeline.borrow_mut();
+        t.sort_by_key(|(us, _, _)| *us);
+        for (us, who, text) in t.iter() {
+            println!("[{}] {who:<7} {text}", self.at(*us));
+        }
     }
 
     /// Waits for an event of `who` that satisfies `pred`; `who`'s earlier events are skipped.
@@ -140,6 +154,28 @@ fn counter(v: &Value) -> u64 {
 
 /// Runs the demo; `Ok` only if the story it told really happened.
 pub fn run(a: DemoArgs) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    let mut d = Demo {
+        rx,
+        timeline: Default::default(),
+        pending: Default::default(),
+        tx,
+        t0_us: unix_us(std::time::SystemTime::now()),
+        children: Vec::new(),
+    };
+    let r = story(&mut d, a);
+    d.print_timeline();
+    match r {
+        Ok(result) => {
+            println!("\nRESULT: {result}");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The demo's story; returns the result line.
+fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
     let kind = match DummyVm::probe() {
         Ok(()) => "kvm-dummy",
         Err(e) => {
@@ -147,14 +183,6 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             println!("      Falling back to a SIMULATED guest (a counting thread, not a VM).");
             "simulated"
         }
-    };
-    let (tx, rx) = mpsc::channel();
-    let mut d = Demo {
-        rx,
-        pending: Default::default(),
-        tx,
-        t0_us: unix_us(std::time::SystemTime::now()),
-        children: Vec::new(),
     };
     let guest_label = if kind == "kvm-dummy" {
         "a real KVM guest (kvm-ioctls): real-mode code that writes a rising counter to an I/O port"
@@ -204,9 +232,9 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         us(&armed, "at_unix_us"),
         "backup",
         &format!(
-            "link armed (pid {bak_pid}): keepalive idle={}s intvl={}s cnt={}, TCP_USER_TIMEOUT={} ms, \
-             worst-case silent-failure bound {} ms",
-            k["idle_s"], k["interval_s"], k["count"], k["user_timeout_ms"], k["bound_ms"]
+            "link armed (pid {bak_pid}): keepalive idle={}s intvl={}s cnt={}, worst-case \
+             silent-failure bound {} ms (enforced by the backup's watchdog)",
+            k["idle_s"], k["interval_s"], k["count"], k["bound_ms"]
         ),
     );
 
@@ -252,7 +280,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
 
     match a.fault {
         Fault::Stop => {
-            let sd = d.event(Who::Source, "stand-down")?;
+            let sd = d.event(Who::Source, "stand-down-sent")?;
             d.line(us(&sd, "at_unix_us"), "source", "sent STAND_DOWN, exiting");
             let bd = d.wait(Who::Backup, "stand-down", |v| {
                 v["event"] == "stand-down" || v["event"] == "takeover"
@@ -271,11 +299,11 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             if ex["event"] != "exited" {
                 return Err("the backup started its guest after an orderly stop".into());
             }
-            println!(
-                "\nRESULT: orderly stop. The backup stood down and exited; its standby guest never \
+            return Ok(
+                "orderly stop. The backup stood down and exited; its standby guest never \
                  ran (counter stayed 0)."
+                    .to_string(),
             );
-            return Ok(());
         }
         Fault::Handoff => {
             let p = d.wait(Who::Source, "its paused guest", |v| {
@@ -287,7 +315,13 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
                 &format!("guest paused at counter {} before HANDOFF", counter(&p)),
             );
             let h = d.event(Who::Source, "handoff-sent")?;
-            d.line(us(&h, "at_unix_us"), "source", "sent HANDOFF, exiting");
+            d.line(us(&h, "at_unix_us"), "source", "sent HANDOFF to the backup");
+            let c = d.event(Who::Source, "handoff-complete")?;
+            d.line(
+                us(&c, "at_unix_us"),
+                "source",
+                "the backup reports its copy runs: handoff complete, exiting",
+            );
         }
         Fault::Kill => {}
     }
@@ -339,17 +373,21 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         us(&g2, "at_unix_us"),
         "backup",
         &format!(
-            "guest counter 0 -> {} -> {}: guest instructions execute",
+            "guest counter 0 -> {} -> {}: {}",
             counter(&g1),
-            counter(&g2)
+            counter(&g2),
+            if kind == "kvm-dummy" {
+                "guest instructions execute"
+            } else {
+                "the simulation counts (a thread, not a VM: nothing about virtualization is shown)"
+            }
         ),
     );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(bak_pid, libc::SIGTERM) };
-    println!(
-        "\nRESULT: takeover verified. Source got {name}; the backup took over {:.3} ms later \
+    Ok(format!(
+        "takeover verified. Source got {name}; the backup took over {:.3} ms later \
          ({reason}) and its guest runs.",
         (detected - fault_us) as f64 / 1e3
-    );
-    Ok(())
+    ))
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use vmm_takeover_core::link::source::Refusal;
 use vmm_takeover_core::source::fence_margin;
+use vmm_takeover_core::vmm_keepalive::SystemDefaults;
 use vmm_takeover_core::{Acquire, ArbiterSession, SourceConfig, SourceListener, SourceNotice};
 
 use crate::cli::SourceArgs;
@@ -77,7 +78,8 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                         emit(
                             "fenced",
                             json!({"why": format!("the VMM was unhealthy and was killed: {why}"),
-                                   "pause_error": null}),
+                                   "pause_error": null, "guest_counter": null,
+                                   "guest_running": false}),
                         );
                         vx.set(exit::OWNED);
                     } else {
@@ -93,6 +95,8 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     };
     let exit = Exit::default();
     let (ex, g) = (exit.clone(), guest.clone());
+    let holder = session.as_ref().map(|s| s.holder().to_string());
+    let arbiter_url = session.as_ref().map(|s| s.describe().to_string());
     let mut listener = SourceListener::new(
         cfg,
         Box::new(move |n: &SourceNotice| match n {
@@ -173,7 +177,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             }
             SourceNotice::StandDownDeferred => emit("stand-down-deferred", json!({})),
             SourceNotice::StandDownSent { backups } => {
-                emit("stand-down", json!({"backups": backups}));
+                emit("stand-down-sent", json!({"backups": backups}));
             }
             SourceNotice::StoodDown { told, confirmed } => {
                 emit("stood-down", json!({"told": told, "confirmed": confirmed}));
@@ -181,7 +185,8 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             }
             SourceNotice::Owner { epoch, ttl } => emit(
                 "owner",
-                json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64}),
+                json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64,
+                       "holder": holder, "arbiter": arbiter_url}),
             ),
             SourceNotice::Fenced { why, pause_error } => {
                 emit(
@@ -209,7 +214,9 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
         "listening",
         json!({"addr": listener.local_addr().to_string(),
                "heartbeat_us": a.heartbeat.map(us),
-               "keepalive": a.keepalive.keepalive.to_string()}),
+               "keepalive": keepalive_json(Some(&a.keepalive.keepalive
+                   .with_user_timeout(a.user_timeout)
+                   .resolve(&SystemDefaults::read_or_linux())))}),
     );
     if detection_off {
         let message = "keepalive is off and no --heartbeat is set: backups can only see this \

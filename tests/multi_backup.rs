@@ -61,7 +61,10 @@ fn killing_a_backup_is_reported_and_nothing_else_happens() {
     );
     // The other backup is still armed and still served: an orderly stop reaches it.
     source.signal(libc::SIGTERM);
-    assert_eq!(source.wait_event("stand-down", EVENT_TIMEOUT)["backups"], 1);
+    assert_eq!(
+        source.wait_event("stand-down-sent", EVENT_TIMEOUT)["backups"],
+        1
+    );
     b2.wait_event("stand-down", EVENT_TIMEOUT);
     assert!(b2.wait_exit(EVENT_TIMEOUT).success());
     assert!(hook_lines(&f1).is_empty() && hook_lines(&f2).is_empty());

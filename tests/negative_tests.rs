@@ -187,11 +187,8 @@ fn a_wrong_pair_id_ends_the_backup_with_exit_5() {
     let (source, addr) = start_source("source", "vm-right", &[]);
     let mut backup = start_backup("backup", addr, "vm-wrong", &[]);
     let r = backup.wait_event("rejected", EVENT_TIMEOUT);
-    assert!(
-        r["reason"].as_str().unwrap().contains("pair-mismatch"),
-        "{r}"
-    );
-    assert!(!r["reason"].as_str().unwrap().contains("vm-right"), "{r}");
+    assert!(r["why"].as_str().unwrap().contains("pair-mismatch"), "{r}");
+    assert!(!r["why"].as_str().unwrap().contains("vm-right"), "{r}");
     assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(5));
     assert_eq!(backup.count("takeover"), 0);
     drop(source);

@@ -68,7 +68,7 @@ fn netns_sigterm_of_source_stands_down_without_takeover() {
         return;
     };
     pair.source.signal(libc::SIGTERM);
-    let sd = pair.source.wait_event("stand-down", EVENT_TIMEOUT);
+    let sd = pair.source.wait_event("stand-down-sent", EVENT_TIMEOUT);
     assert_eq!(sd["backups"], 1, "{sd}");
     pair.backup.wait_event("stand-down", EVENT_TIMEOUT);
     assert!(pair.backup.wait_exit(EVENT_TIMEOUT).success());

@@ -14,7 +14,10 @@ fn sigterm_stands_down_and_never_runs_the_hook() {
         let (mut source, mut backup, _) = armed_pair("vm-term", &[], &["--on-takeover", &hook]);
 
         source.signal(sig);
-        assert_eq!(source.wait_event("stand-down", EVENT_TIMEOUT)["backups"], 1);
+        assert_eq!(
+            source.wait_event("stand-down-sent", EVENT_TIMEOUT)["backups"],
+            1
+        );
         assert!(source.wait_exit(EVENT_TIMEOUT).success());
         backup.wait_event("stand-down", EVENT_TIMEOUT);
         assert!(backup.wait_exit(EVENT_TIMEOUT).success());

@@ -356,6 +356,8 @@ pub struct BackupMonitor {
     last_errno: Option<i32>,
     /// Whether the link was armed before the input being handled (for the stop report).
     was_armed: bool,
+    /// The errno of the armed link's loss, if it was one.
+    loss_errno: Option<i32>,
     arbiter: Option<Arbitration>,
     /// When the armed link's timer is due: a loss found well after it means this backup's own
     /// loop was stalled (see [`STALL_TOLERANCE`]).
@@ -412,6 +414,7 @@ impl BackupMonitor {
             record: None,
             last_errno: None,
             was_armed: false,
+            loss_errno: None,
             arbiter: None,
             next_due: None,
             stalled_at: None,
@@ -470,18 +473,27 @@ impl BackupMonitor {
     fn feed(&mut self, ops: &mut EventOps, input: Input, detail: &str) {
         let before = self.state;
         self.was_armed = before.armed();
+        // The errno of the armed link's loss goes with the takeover, however long the verdict
+        // takes to become a start (a verification, an arbiter's grant).
+        if before.armed() {
+            match input {
+                Input::Failed(_) | Input::LossAfterStall(_) => self.loss_errno = self.last_errno,
+                Input::PeerClosed | Input::HeartbeatDeadline => self.loss_errno = None,
+                _ => {}
+            }
+        }
         let (next, actions) = machine::step(before, input, self.policy);
         if next != before {
             debug!("backup {before:?} + {input:?} -> {next:?} ({detail})");
         }
         self.state = next;
         for a in actions.iter() {
-            self.act(ops, a, input, detail);
+            self.act(ops, a, detail);
         }
         self.arm_timer();
     }
 
-    fn act(&mut self, ops: &mut EventOps, a: Action, input: Input, detail: &str) {
+    fn act(&mut self, ops: &mut EventOps, a: Action, detail: &str) {
         match a {
             Action::Connect => self.connect(ops),
             Action::Redial => self.redial(ops, detail),
@@ -505,9 +517,10 @@ impl BackupMonitor {
             }
             Action::ReleasePair => self.release_pair(),
             Action::StartGuest(reason) => {
-                let errno = match input {
-                    Input::Failed(_) => self.last_errno,
-                    _ => None,
+                let errno = if reason == TakeoverReason::Handoff {
+                    None
+                } else {
+                    self.loss_errno
                 };
                 self.take_over(reason, errno, detail);
             }
@@ -885,7 +898,11 @@ impl BackupMonitor {
             };
             let detail = match &self.hook_result {
                 Some((Ok(Err(e)) | Err(e), _)) => e.clone(),
-                _ => String::new(),
+                Some(_) => String::new(),
+                None => format!(
+                    "vm_start did not return within {:?}; whether the copy runs is unknown",
+                    self.cfg.hook_timeout
+                ),
             };
             self.send(&Frame::HandoffResult { status, detail });
         }

@@ -220,7 +220,7 @@ pub enum SourceNotice<'a> {
     },
     /// The handoff failed before the backup's copy ran.
     HandoffFailed {
-        /// Where: `pause`, `hand-over`, `send` or `backup-start`.
+        /// Where: `pause`, `hand-over`, `send`, `backup-start`, `reclaim` or `resume`.
         stage: &'static str,
         /// What went wrong.
         error: String,
@@ -323,6 +323,8 @@ struct Conn {
     shutdown_after_flush: bool,
     /// Heartbeats skipped since the backup stopped reading, `Some` while it does not read.
     slow: Option<u64>,
+    /// Told STAND_DOWN: its close confirms the stop.
+    stood_down: bool,
     /// The last REJECT/EVICT/close reason, for the report.
     why: String,
 }
@@ -359,8 +361,13 @@ pub struct SourceListener {
     /// Whether the resume after a failed handoff succeeded.
     resumed: bool,
     stand_down_deferred: bool,
+    /// Backups told STAND_DOWN by the orderly stop, and how many of them closed their side.
     told: usize,
     confirmed: usize,
+    /// The stop's report went out.
+    stood_down_reported: bool,
+    /// Backups stood down by the handoff under way.
+    others_told: usize,
     /// Closed and reopened to shed one connection when descriptors run out.
     spare_fd: Option<File>,
     accept_failures: u64,
@@ -446,6 +453,8 @@ impl SourceListener {
             stand_down_deferred: false,
             told: 0,
             confirmed: 0,
+            stood_down_reported: false,
+            others_told: 0,
             spare_fd: File::open("/dev/null").ok(),
             accept_failures: 0,
             accept_reported: None,
@@ -794,6 +803,7 @@ impl SourceListener {
                     .joined_indices()
                     .filter(|&i| Some(i) != target)
                     .collect();
+                self.others_told = others.len();
                 for &idx in &others {
                     self.send_stand_down(ops, idx);
                 }
@@ -824,6 +834,8 @@ impl SourceListener {
             Action::StandDownAll => {
                 let _ = self.heartbeat_timer.disarm();
                 let idx: Vec<usize> = self.joined_indices().collect();
+                self.told = idx.len();
+                self.confirmed = 0;
                 for &i in &idx {
                     self.send_stand_down(ops, i);
                 }
@@ -990,7 +1002,7 @@ impl SourceListener {
             self.note_failure("send", "no backup to hand off to".into());
             return self.feed(ops, Input::HandoffNotDelivered);
         };
-        let others = self.told;
+        let others = self.others_told;
         match self.write_frame(t, &Frame::Handoff) {
             Ok(()) => {
                 let _ = self.heartbeat_timer.disarm();
@@ -1018,7 +1030,9 @@ impl SourceListener {
                 Some(Instant::now() + self.cfg.drain_timeout.max(self.cfg.handshake_timeout));
         }
         self.flush(ops, idx);
-        self.told += 1;
+        if let Some(c) = self.conns[idx].as_mut() {
+            c.stood_down = true;
+        }
         self.conn_input(ops, idx, ConnInput::StandDownSent, String::new());
         self.arm_sweep();
     }
@@ -1141,7 +1155,9 @@ impl SourceListener {
                     }
                     ConnState::Closing => {
                         debug!("backup {peer} closed after being told to go");
-                        self.confirmed += 1;
+                        if c.stood_down && self.state == State::StoodDown {
+                            self.confirmed += 1;
+                        }
                     }
                     _ => {
                         warn!("backup {peer} lost: {why}");
@@ -1150,6 +1166,14 @@ impl SourceListener {
                 }
             }
             Some(ConnAction::ToHandoff) => {
+                if !matches!(input, ConnInput::HandoffResult) {
+                    self.note_failure(
+                        "backup-start",
+                        "the chosen backup's link ended after HANDOFF, before its result: its \
+                         copy may run"
+                            .into(),
+                    );
+                }
                 let status = self.conns[idx]
                     .as_ref()
                     .map(|c| c.why.clone())
@@ -1183,7 +1207,7 @@ impl SourceListener {
 
     /// After a stand-down: done once every told backup closed its side.
     fn check_drained(&mut self) {
-        if self.state != State::StoodDown || self.told == usize::MAX {
+        if self.state != State::StoodDown || self.stood_down_reported {
             return;
         }
         let waiting = self.indices(ConnState::Closing).count();
@@ -1194,8 +1218,7 @@ impl SourceListener {
 
     fn finish_stand_down(&mut self) {
         let (told, confirmed) = (self.told, self.confirmed);
-        // Reported once.
-        self.told = usize::MAX;
+        self.stood_down_reported = true;
         let _ = self.job_timer.disarm();
         info!("stand-down complete: {confirmed} of {told} backup(s) confirmed");
         (self.observer)(&SourceNotice::StoodDown { told, confirmed });
@@ -1393,6 +1416,7 @@ impl SourceListener {
             outbox: Vec::new(),
             shutdown_after_flush: false,
             slow: None,
+            stood_down: false,
             why: String::new(),
         });
         self.handshaking += 1;
@@ -1694,7 +1718,7 @@ impl SourceListener {
                 );
                 self.feed(ops, Input::ResumeFailed);
             }
-            State::StoodDown if self.told != usize::MAX => self.finish_stand_down(),
+            State::StoodDown if !self.stood_down_reported => self.finish_stand_down(),
             _ => {}
         }
     }
