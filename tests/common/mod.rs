@@ -73,6 +73,7 @@ pub struct SpawnOpts {
     env: Vec<(String, String)>,
     pipe_stderr: bool,
     pipe_size: Option<usize>,
+    nofile: Option<u64>,
 }
 
 impl SpawnOpts {
@@ -95,6 +96,13 @@ impl SpawnOpts {
     /// Pipes stderr too, keeping its lines (see [`Proc::stderr_lines`]) and echoing them.
     pub fn pipe_stderr(mut self) -> Self {
         self.pipe_stderr = true;
+        self
+    }
+
+    /// Sets the child's `RLIMIT_NOFILE` (soft and hard) before it execs, so a test can run it out
+    /// of descriptors without an extra tool.
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
         self
     }
 
@@ -229,6 +237,23 @@ impl Proc {
         }
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = opts.nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only this stack value; nothing
+            // else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         // The Command holds our copy of the write ends: close them, or EOF never comes.
