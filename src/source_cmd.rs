@@ -112,9 +112,13 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             SourceNotice::BackupLost { peer, why } => {
                 emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
             }
-            SourceNotice::BackupRejected { peer, why } => emit(
+            SourceNotice::BackupRejected {
+                peer,
+                why,
+                suppressed,
+            } => emit(
                 "backup-rejected",
-                json!({"peer": peer.to_string(), "why": why}),
+                json!({"peer": peer.to_string(), "why": why, "suppressed": suppressed}),
             ),
             SourceNotice::BackupEvicted { peer, why } => emit(
                 "backup-evicted",

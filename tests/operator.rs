@@ -260,7 +260,10 @@ fn sighup_is_ignored_by_both_sides() {
     assert!(backup.running(), "backup exited on SIGHUP");
 
     source.signal(libc::SIGTERM);
-    assert_eq!(source.wait_event("stand-down", EVENT_TIMEOUT)["backups"], 1);
+    assert_eq!(
+        source.wait_event("stand-down-sent", EVENT_TIMEOUT)["backups"],
+        1
+    );
     assert_eq!(source.wait_exit(EVENT_TIMEOUT).code(), Some(0));
     backup.wait_event("stand-down", EVENT_TIMEOUT);
     assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(0));

@@ -170,7 +170,10 @@ fn idle_connection_flood_neither_spins_nor_locks_out_a_backup() {
 
     // Still a working source: an orderly stop stands the backup down.
     source.signal(libc::SIGTERM);
-    assert_eq!(source.wait_event("stand-down", EVENT_TIMEOUT)["backups"], 1);
+    assert_eq!(
+        source.wait_event("stand-down-sent", EVENT_TIMEOUT)["backups"],
+        1
+    );
     assert_eq!(source.wait_exit(EVENT_TIMEOUT).code(), Some(0));
     backup.wait_event("stand-down", EVENT_TIMEOUT);
     assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(0));
@@ -257,7 +260,7 @@ fn out_of_descriptors_with_nothing_to_evict_pauses_accept_and_reports_it() {
 
     source.signal(libc::SIGTERM);
     // At least the two real backups (a holder whose close is not processed yet may count too).
-    let told = source.wait_event("stand-down", EVENT_TIMEOUT)["backups"]
+    let told = source.wait_event("stand-down-sent", EVENT_TIMEOUT)["backups"]
         .as_u64()
         .unwrap();
     assert!(told >= 2, "STAND_DOWN to {told} backups");

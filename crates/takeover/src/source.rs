@@ -53,6 +53,41 @@ const TOKEN_CONN_BASE: u32 = 16;
 
 /// How long accepting pauses after `accept` failed for lack of resources (EMFILE and friends).
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Reports of rejected connections per second, at most.
+pub const REJECT_REPORTS_PER_SECOND: u32 = 10;
+
+/// At most [`REJECT_REPORTS_PER_SECOND`] reports a second; the others are counted and the count
+/// goes with the next report.
+#[derive(Debug, Default)]
+struct RateLimit {
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// `Some(suppressed so far)` when this one may be reported.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window < REJECT_REPORTS_PER_SECOND {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Connections accepted per readiness of the listener, at most.
+const ACCEPT_BATCH: usize = 32;
+
 /// How often, at most, a run of accept failures is reported.
 const ACCEPT_REPORT_EVERY: Duration = Duration::from_secs(10);
 
@@ -154,11 +189,15 @@ pub enum SourceNotice<'a> {
         node: &'a str,
     },
     /// A connection was refused during the handshake (bad frame, wrong pair id, timeout, limits).
+    /// Rate-limited ([`REJECT_REPORTS_PER_SECOND`]): a flood of bad connections is one report
+    /// a few times a second, with the count of those not reported.
     BackupRejected {
         /// Its address.
         peer: SocketAddr,
         /// Why.
         why: String,
+        /// Rejections not reported since the last report.
+        suppressed: u64,
     },
     /// A joined backup went away: redundancy is degraded, nothing else happens.
     BackupLost {
@@ -376,6 +415,10 @@ pub struct SourceListener {
     arbiter: Option<Arbitration>,
     /// Fires at the fencing deadline (and more often while the failsafe holds).
     fence_timer: Timer,
+    /// When the next heartbeat is due, while heartbeats go out.
+    next_beat: Option<Instant>,
+    /// Rate limit of `BackupRejected` reports.
+    rejects: RateLimit,
     /// Tells the local guest the instant it must not be entered after.
     run_deadline_hook: Option<RunDeadlineHook>,
 }
@@ -460,6 +503,8 @@ impl SourceListener {
             accept_reported: None,
             arbiter: None,
             fence_timer: Timer::new().map_err(Error::Resource)?,
+            next_beat: None,
+            rejects: RateLimit::default(),
             run_deadline_hook: None,
         })
     }
@@ -1118,11 +1163,8 @@ impl SourceListener {
             Some(ConnAction::Welcome) => self.welcome(ops, idx),
             Some(ConnAction::Reject) => {
                 let c = self.conns[idx].as_ref().expect("present");
-                warn!("backup {} rejected: {}", c.peer, c.why);
-                (self.observer)(&SourceNotice::BackupRejected {
-                    peer: c.peer,
-                    why: c.why.clone(),
-                });
+                let (peer, why) = (c.peer, c.why.clone());
+                self.report_rejected(peer, why);
             }
             Some(ConnAction::Evict) => {
                 let why = self.conns[idx]
@@ -1149,10 +1191,7 @@ impl SourceListener {
                 let c = self.conns[idx].as_ref().expect("present");
                 let (peer, why) = (c.peer, c.why.clone());
                 match before {
-                    ConnState::Handshaking => {
-                        warn!("backup {peer} rejected: {why}");
-                        (self.observer)(&SourceNotice::BackupRejected { peer, why });
-                    }
+                    ConnState::Handshaking => self.report_rejected(peer, why),
                     ConnState::Closing => {
                         debug!("backup {peer} closed after being told to go");
                         if c.stood_down && self.state == State::StoodDown {
@@ -1196,6 +1235,17 @@ impl SourceListener {
             self.remove(ops, idx);
         }
         self.check_drained();
+    }
+
+    fn report_rejected(&mut self, peer: SocketAddr, why: String) {
+        if let Some(suppressed) = self.rejects.allow(Instant::now()) {
+            warn!("backup {peer} rejected: {why} ({suppressed} more not reported)");
+            (self.observer)(&SourceNotice::BackupRejected {
+                peer,
+                why,
+                suppressed,
+            });
+        }
     }
 
     fn remove(&mut self, ops: &mut EventOps, idx: usize) {
@@ -1253,12 +1303,15 @@ impl SourceListener {
         if self.joined == 1 && self.state == State::Serving {
             if let Some(hb) = self.cfg.heartbeat {
                 let _ = self.heartbeat_timer.arm(hb, Some(hb));
+                self.next_beat = Some(Instant::now() + hb);
             }
         }
     }
 
     fn accept_all(&mut self, ops: &mut EventOps) {
-        loop {
+        // A bounded batch per readiness: the listener is level-triggered, so the rest waits for
+        // the next turn of the loop, and the loop's other work (heartbeats) goes on in between.
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((sock, addr)) => {
                     let peer = addr.as_socket().unwrap_or(self.local_addr);
@@ -1544,13 +1597,38 @@ impl SourceListener {
 
     fn on_heartbeat_tick(&mut self) {
         // Expirations coalesce: a loop that was late sends one heartbeat, not a burst.
-        if self.heartbeat_timer.expirations() == 0 || self.state != State::Serving {
+        if self.heartbeat_timer.expirations() == 0 {
             return;
         }
-        if self.joined == 0 {
+        self.beat_if_due();
+    }
+
+    /// Sends the heartbeat if it is due. Called from the heartbeat timer and at the start of
+    /// every event this subscriber handles, so that a long batch of other events (a connection
+    /// burst) cannot hold a heartbeat back until the batch is done.
+    fn beat_if_due(&mut self) {
+        let (Some(due), Some(every)) = (self.next_beat, self.cfg.heartbeat) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < due {
+            return;
+        }
+        if self.state != State::Serving || self.joined == 0 {
+            self.next_beat = None;
             let _ = self.heartbeat_timer.disarm();
             return;
         }
+        // Keep the timer's phase: the next beat is the first tick after now.
+        let mut next = due + every;
+        while next <= now {
+            next += every;
+        }
+        self.next_beat = Some(next);
+        self.send_heartbeats();
+    }
+
+    fn send_heartbeats(&mut self) {
         self.seq += 1;
         let bytes = Frame::Heartbeat { seq: self.seq }.encode();
         let limit = self.cfg.slow_unsent;
@@ -1863,6 +1941,7 @@ impl MutEventSubscriber for SourceListener {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        self.beat_if_due();
         match events.data() {
             TOKEN_LISTEN => self.accept_all(ops),
             TOKEN_HEARTBEAT => self.on_heartbeat_tick(),

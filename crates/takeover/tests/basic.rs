@@ -94,7 +94,11 @@ fn a_blocked_source_loop_is_taken_over_with_heartbeat_timeout() {
     let src_loop = LoopThread::spawn(vec![std::sync::Arc::new(std::sync::Mutex::new(src))]);
     let mut em = EventManager::<Sub>::new().unwrap();
     let hook = Counting::default();
-    let m = add(&mut em, backup(&notices, addr, hook.clone(), |_| {}));
+    // 100 ms: generous for a loaded machine; a blocked loop stops heartbeats for good.
+    let m = add(
+        &mut em,
+        backup(&notices, addr, hook.clone(), |c| c.heartbeat_misses = 10),
+    );
     notices.wait(Some(&mut em), "bak: armed");
     // Healthy for a while: heartbeats keep the deadline away.
     notices.run_for(Some(&mut em), Duration::from_millis(200));
