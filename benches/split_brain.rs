@@ -6,7 +6,7 @@
 //! Faults, each on a fresh lab, after a random wait within one renewal period (TTL / 3) so that
 //! it lands anywhere in the lease's renewal cycle:
 //! - `kill`: SIGKILL of the source process;
-//! - `isolate`: the source host cut off from everyone (iptables DROP everywhere); also the
+//! - `isolate`: the source host cut off from everyone (its cable pulled at the switch); also the
 //!   fence → start gap (backup `vm-started` − source `fenced`: the guard's margin, never
 //!   negative);
 //! - `handoff`: a planned handoff (SIGUSR1; the source's guest pauses first).
@@ -104,7 +104,7 @@ fn run_once(fault: Fault, run: usize) -> Result<Option<Sample>, String> {
         Fault::Kill => rig.source.signal(libc::SIGKILL),
         Fault::Handoff => rig.source.signal(libc::SIGUSR1),
         Fault::Isolate => {
-            rig.lab.isolate("src")?;
+            rig.lab.unplug("src")?;
         }
     }
     let started = expect_since(rig.backup(), "vm-started", before_us, EVENT_TIMEOUT, &tag);

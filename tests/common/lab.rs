@@ -24,10 +24,11 @@
 //! [`Lab::new`].
 //!
 //! Faults, all undone by [`Lab::heal`]:
-//! - [`Lab::isolate`]: a host is cut off from everyone with iptables DROP rules on INPUT (in the
-//!   host, everything from `eth0`; in every other host, everything from its address). Silent:
-//!   no sender gets an error, packets just vanish.
-//! - [`Lab::unplug`]: the host's cable is pulled at the switch (its switch port goes down).
+//! - [`Lab::isolate`]: a host is cut off from everyone with iptables DROP rules on INPUT (in every
+//!   other host, everything from its address; in the host, everything from `eth0`). Silent: no
+//!   sender gets an error, packets just vanish.
+//! - [`Lab::unplug`]: the host's cable is pulled at the switch (its switch port goes down): one
+//!   step, both directions at once.
 //! - [`Lab::partition`]: two hosts no longer hear each other (DROP on INPUT in both, by source
 //!   address); both still reach every other host.
 //!
@@ -254,16 +255,21 @@ impl Lab {
             .map_err(|e| format!("iptables unusable in a namespace: {e}"))
     }
 
-    /// Host `name` is cut off from everyone: DROP on INPUT, everything from `eth0` in it and
-    /// everything from its address in every other host. Silent both ways.
+    /// Host `name` is cut off from everyone: DROP on INPUT, everything from its address in every
+    /// other host, then everything from `eth0` in it. Silent both ways.
+    ///
+    /// The rules go in one host at a time (a few tens of ms each), the other hosts first: from
+    /// the first rule on, nothing the isolated host sends arrives anywhere, so no request of its
+    /// own can take effect without it seeing the answer (with its own rule first, a lease renewal
+    /// sent meanwhile would reach etcd while its answer is dropped). [`Lab::unplug`] is a single
+    /// step.
     pub fn isolate(&self, name: &str) -> Result<FaultTime, String> {
         let victim = self.host(name).clone();
         FaultTime::around(|| {
-            self.iptables(name, &["-A", "INPUT", "-i", HOST_IF, "-j", "DROP"])?;
             for h in self.hosts.iter().filter(|h| h.name != name) {
                 self.iptables(&h.name, &["-A", "INPUT", "-s", &victim.ip, "-j", "DROP"])?;
             }
-            Ok(())
+            self.iptables(name, &["-A", "INPUT", "-i", HOST_IF, "-j", "DROP"])
         })
     }
 
