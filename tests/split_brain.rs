@@ -497,8 +497,10 @@ fn stopped_source_never_runs_its_guest_after_sigcont() {
         (stop_before - last.at) / 1000,
         after.iter().map(|r| r.counter).collect::<Vec<_>>()
     );
+    // An exit the vCPU took before the stop may be recorded just after SIGCONT (so a report
+    // may lag the fence by it); the bound below shows nothing ran after SIGCONT.
     assert!(
-        after.iter().all(|r| r.counter == c && !r.running),
+        after.iter().all(|r| r.counter <= c && !r.running),
         "{ctx}: the guest ran after SIGCONT (fenced at {c}): {after:?}"
     );
     // Between the last report and the stop the guest ran at most that long (at its fastest
@@ -782,17 +784,19 @@ fn unreachable_arbiter_at_start_fails_fast() {
     }
 }
 
-/// The failsafe: the source loses etcd but not its backup. Its guest keeps running past the
-/// lease (the backup hears it, so it cannot start anything), even once etcd dropped the lease.
-/// Then the link breaks too (the source is cut off from everyone): the source fences itself
-/// before the backup's copy starts.
+/// The failsafe: etcd is out of everyone's reach (source and backup) for longer than the lease,
+/// and etcd drops the lease meanwhile. Nobody can be granted the pair, so the source's guest
+/// keeps running while its backup is heard. Then the link breaks too and etcd comes back for the
+/// backup only (the outage that outlasts the lease, then a link failure): the source fences
+/// itself before the backup's copy starts.
 #[test]
-fn failsafe_keeps_the_source_while_heard_then_fences_before_the_copy_starts() {
+fn failsafe_holds_through_an_outage_for_everyone_then_fences_before_the_copy_starts() {
     let Some(mut rig) = Rig::start("failsafe", &["bak"]) else {
         return;
     };
-    let ctx = "source cut from etcd only";
+    let ctx = "etcd out of everyone's reach";
     let cut = rig.lab.partition("src", "wit").unwrap();
+    rig.lab.partition("bak", "wit").unwrap();
     // Past the lease, and past etcd's expiry of it (TTL + reaping).
     std::thread::sleep(TTL * 2);
     let t2 = now_us();
@@ -803,8 +807,9 @@ fn failsafe_keeps_the_source_while_heard_then_fences_before_the_copy_starts() {
         None,
         "{ctx}: etcd should have dropped the source's lease"
     );
-    let ctx = "then cut from the backup too";
+    let ctx = "then the link breaks and etcd answers the backup again";
     let cut2 = rig.lab.partition("src", "bak").unwrap();
+    rig.lab.unpartition("bak", "wit").unwrap();
     let started = expect_since(
         rig.backup(),
         "vm-started",
@@ -830,24 +835,61 @@ fn failsafe_keeps_the_source_while_heard_then_fences_before_the_copy_starts() {
     assert_copy_runs(rig.backup(), &started, ctx);
 }
 
-/// The failsafe with two backups. The source loses etcd (and etcd drops its lease, so the pair
-/// is free) while both backups hear it: its guest runs on the failsafe. Then backup2's host
-/// starts refusing the source's packets with TCP resets (a firewall reload, say): the source
-/// sees its connection to backup2 reset at once, backup2 only sees the heartbeats stop. At no
-/// instant may two copies run: if backup2 starts its copy, the source must have fenced itself
-/// before.
+/// etcd out of the source's reach only: its backup still reaches etcd, so the failsafe's
+/// premise ("nobody can take over without the arbiter") does not hold. The source fences itself
+/// when its lease runs out; the backup, hearing no more heartbeats, is granted the pair and
+/// takes over: one copy at every instant, and the VM moves to the side that sees the arbiter.
+#[test]
+fn source_cut_from_etcd_only_fences_and_the_backup_takes_over() {
+    let Some(mut rig) = Rig::start("cut-etcd", &["bak"]) else {
+        return;
+    };
+    let ctx = "source cut from etcd only";
+    let cut = rig.lab.partition("src", "wit").unwrap();
+    let fenced = expect_since(&rig.source, "fenced", cut.before_us, EVENT_TIMEOUT, ctx);
+    let started = expect_since(
+        rig.backup(),
+        "vm-started",
+        cut.before_us,
+        EVENT_TIMEOUT,
+        ctx,
+    );
+    let (t_fence, t_start) = (at(&fenced), at(&started));
+    println!(
+        "{ctx}: fenced {} ms after the cut, vm-started {} ms after it",
+        (t_fence as i64 - cut.before_us as i64) / 1000,
+        (t_start as i64 - cut.before_us as i64) / 1000
+    );
+    assert!(t_fence < t_start, "{ctx}: copy started before the fence");
+    assert!(
+        t_fence - cut.before_us <= us(TTL),
+        "{ctx}: fenced {} ms after the cut, later than the lease",
+        (t_fence - cut.before_us) / 1000
+    );
+    assert_exit(&mut rig.source, EXIT_OWNED, EVENT_TIMEOUT, ctx);
+    assert_copy_runs(rig.backup(), &started, ctx);
+}
+
+/// The failsafe with two backups. etcd is out of everyone's reach and drops the source's lease;
+/// the source's guest runs on the failsafe. Then backup2's host starts refusing the source's
+/// packets with TCP resets (a firewall reload, say) and etcd answers backup2 again: the source
+/// sees its connection to backup2 reset at once, backup2 only sees the heartbeats stop. A
+/// backup that lost its link may be asking for the pair: the source must stop its guest before
+/// backup2 can start its copy.
 #[test]
 fn failsafe_with_two_backups_never_runs_two_copies() {
     let Some(mut rig) = Rig::start("failsafe2", &["bak", "bak2"]) else {
         return;
     };
-    let ctx = "source cut from etcd, two backups";
+    let ctx = "etcd out of everyone's reach, two backups";
     let cut = rig.lab.partition("src", "wit").unwrap();
+    rig.lab.partition("bak", "wit").unwrap();
+    rig.lab.partition("bak2", "wit").unwrap();
     std::thread::sleep(TTL * 2);
     assert_single_copy_at_source(&mut rig, ctx);
     assert_guest_runs(&rig.source, cut.after_us, now_us(), ctx);
     assert_eq!(rig.etcd.owner(&rig.pair).unwrap(), None, "{ctx}: lease");
-    let ctx = "then backup2 resets the source's packets";
+    let ctx = "then backup2 resets the source's packets and reaches etcd again";
     let src_ip = rig.lab.ip("src").to_string();
     let fault = FaultTime::around(|| {
         rig.lab.iptables(
@@ -864,7 +906,8 @@ fn failsafe_with_two_backups_never_runs_two_copies() {
                 "--reject-with",
                 "tcp-reset",
             ],
-        )
+        )?;
+        rig.lab.unpartition("bak2", "wit").map(drop)
     })
     .unwrap();
     // backup2 decides within its heartbeat deadline + the failsafe wait (650 ms); look longer.
@@ -906,19 +949,18 @@ fn failsafe_with_two_backups_never_runs_two_copies() {
     }
 }
 
-/// A second source started for the pair while the first runs its guest on the failsafe (cut
-/// from etcd, still heard by its backup; etcd dropped its lease, so the pair is free there):
-/// it must not run a second copy.
+/// A second source started for the pair while the first is cut from etcd (and etcd dropped its
+/// lease): it must never run a copy beside the first.
 #[test]
 fn second_source_during_the_failsafe_runs_no_second_copy() {
     let Some(rig) = Rig::start("failsafe3", &["bak", "other"]) else {
         return;
     };
-    let ctx = "source cut from etcd";
-    let cut = rig.lab.partition("src", "wit").unwrap();
+    // The first source cannot reach etcd, its backup can: no failsafe, the first source fences
+    // when its lease runs out (its backup takes over). Whatever a second source then does, two
+    // copies never run.
+    rig.lab.partition("src", "wit").unwrap();
     std::thread::sleep(TTL * 2);
-    assert_guest_runs(&rig.source, cut.after_us, now_us(), ctx);
-    assert_eq!(rig.etcd.owner(&rig.pair).unwrap(), None, "{ctx}: lease");
     let ctx = "second source on another host";
     let addr = format!("{}:{PORT}", rig.lab.ip("other"));
     let url = rig.etcd.url();

@@ -289,6 +289,15 @@ impl Lab {
         })
     }
 
+    /// Undoes [`Lab::partition`] of `a` and `b`.
+    pub fn unpartition(&self, a: &str, b: &str) -> Result<FaultTime, String> {
+        let (ia, ib) = (self.ip(a).to_string(), self.ip(b).to_string());
+        FaultTime::around(|| {
+            self.iptables(a, &["-D", "INPUT", "-s", &ib, "-j", "DROP"])?;
+            self.iptables(b, &["-D", "INPUT", "-s", &ia, "-j", "DROP"])
+        })
+    }
+
     /// Undoes every fault: INPUT flushed in every host, every switch port up.
     pub fn heal(&self) -> Result<FaultTime, String> {
         FaultTime::around(|| {
@@ -431,14 +440,14 @@ fn b64(data: &[u8]) -> String {
 
 fn unb64(s: &str) -> Vec<u8> {
     let val = |c: u8| -> Option<u32> {
-        Some(match c {
+        Some(u32::from(match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
             b'0'..=b'9' => c - b'0' + 52,
             b'+' => 62,
             b'/' => 63,
             _ => return None,
-        } as u32)
+        }))
     };
     let digits: Vec<u32> = s.bytes().filter_map(val).collect();
     let mut out = Vec::new();
@@ -466,7 +475,7 @@ fn read_owner(ns: &str, addr: SocketAddr, pair: &str) -> Result<Option<String>, 
     if code != 200 {
         return Err(format!("range {key}: HTTP {code}: {answer}"));
     }
-    let v: serde_json::Value =
+    let v: Value =
         serde_json::from_str(&answer).map_err(|e| format!("range {key}: {e}: {answer}"))?;
     Ok(v["kvs"][0]["value"]
         .as_str()

@@ -429,9 +429,12 @@ impl Gate {
         self.exits.load(Ordering::Acquire)
     }
 
+    /// Wanted running, worker alive and the run deadline not passed (past it the worker never
+    /// enters again, even if nobody has fenced it yet: a process continued after SIGSTOP must
+    /// not report a guest it will not run).
     pub(crate) fn is_running(&self) -> bool {
         let st = self.lock();
-        st.want_run && !st.worker_done
+        st.want_run && !st.worker_done && self.overdue().is_none()
     }
 
     pub(crate) fn started_at(&self) -> Option<Instant> {

@@ -25,7 +25,7 @@ use crate::protocol::{
     validate_node, validate_pair_id, Frame, FrameReader, HandoffStatus, ProtocolError,
     MAX_HEARTBEAT, MIN_HEARTBEAT,
 };
-use crate::session::ArbiterSession;
+use crate::session::{ArbiterSession, SessionEvent};
 use crate::timer::Timer;
 use crate::Error;
 
@@ -285,6 +285,8 @@ enum Msg {
     Stop,
     /// The arbiter answered an acquire of generation `.0`.
     Acquired(u64, Result<Acquire, ArbiterError>),
+    /// The arbiter session renewed (or failed to).
+    Session(SessionEvent),
 }
 
 /// How long after its own last sign of the source a backup that won the pair still waits, on top
@@ -311,6 +313,11 @@ struct Arbitration {
     /// When to ask again after a wait.
     retry_at: Option<Instant>,
     last_report: Option<Instant>,
+    /// Whether this backup's session renews (told to the source: its failsafe needs every backup
+    /// unable to reach the arbiter too).
+    reachable: bool,
+    /// The source asked for a fresh check: report the next renewal's outcome, changed or not.
+    check_asked: bool,
 }
 
 /// Calls into a [`BackupMonitor`] from any thread; they are carried out on its loop.
@@ -430,7 +437,7 @@ impl BackupMonitor {
         self.policy.arbitrated = true;
         self.cfg.node = session.holder().to_string();
         self.arbiter = Some(Arbitration {
-            session,
+            session: session.clone(),
             generation: 0,
             epoch: None,
             source_node: String::new(),
@@ -439,7 +446,15 @@ impl BackupMonitor {
             verdict_detail: String::new(),
             retry_at: None,
             last_report: None,
+            reachable: session.valid_until().is_some(),
+            check_asked: false,
         });
+        let tx = self.mailbox.sender();
+        if let Some(a) = self.arbiter.as_ref() {
+            a.session.subscribe(move |ev| {
+                tx.send(Msg::Session(ev.clone()));
+            });
+        }
     }
 
     /// A handle for calls from other threads (stop).
@@ -531,6 +546,39 @@ impl BackupMonitor {
                 }
             }
             Action::Finish(outcome) => self.finish(ops, outcome, detail),
+        }
+    }
+
+    /// The session renewed or not: tell the source when that changed, or when it asked.
+    fn on_session(&mut self, ev: SessionEvent) {
+        let Some(a) = self.arbiter.as_mut() else {
+            return;
+        };
+        let reachable = matches!(
+            ev,
+            SessionEvent::Renewed { .. } | SessionEvent::Reopened { .. }
+        );
+        let changed = reachable != a.reachable;
+        let asked = std::mem::take(&mut a.check_asked);
+        a.reachable = reachable;
+        if changed || asked {
+            self.send_arbiter_status();
+        }
+    }
+
+    fn send_arbiter_status(&self) {
+        if let (Some(a), true) = (self.arbiter.as_ref(), self.state.link == Link::Up) {
+            self.send(&Frame::ArbiterStatus {
+                reachable: a.reachable,
+            });
+        }
+    }
+
+    /// The source cannot renew its lease: check ours now; the outcome goes back to it.
+    fn on_arbiter_check(&mut self) {
+        if let Some(a) = self.arbiter.as_mut() {
+            a.check_asked = true;
+            a.session.renew_now();
         }
     }
 
@@ -820,6 +868,7 @@ impl BackupMonitor {
             self.next_due = None;
             let _ = self.timer.disarm();
         }
+        self.send_arbiter_status();
         let peer = self.cfg.connect;
         info!("link to {peer} armed (pair {})", self.cfg.pair_id);
         (self.observer)(&BackupNotice::Armed {
@@ -1037,6 +1086,9 @@ impl BackupMonitor {
                     let drained = n < buf.len();
                     loop {
                         match self.reader.next_frame() {
+                            Ok(Some(Frame::ArbiterCheck)) if self.state.link == Link::Up => {
+                                self.on_arbiter_check();
+                            }
                             Ok(Some(f)) => {
                                 let (input, why) = self.frame_input(f);
                                 match why {
@@ -1349,6 +1401,7 @@ impl BackupMonitor {
                 }
                 Msg::Stop => self.feed(ops, Input::Stop, "stopped by the owner"),
                 Msg::Acquired(generation, r) => self.on_acquired(ops, generation, r),
+                Msg::Session(ev) => self.on_session(ev),
             }
         }
     }

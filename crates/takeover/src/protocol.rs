@@ -52,6 +52,11 @@ pub enum Kind {
     HandoffResult = 7,
     /// source → backup: the source lives and drops this connection; dial again.
     Evict = 8,
+    /// backup → source: whether this backup's arbiter session works (the failsafe needs every
+    /// backup unable to reach the arbiter too).
+    ArbiterStatus = 9,
+    /// source → backup: the source cannot renew its lease: check yours now and report.
+    ArbiterCheck = 10,
 }
 
 impl Kind {
@@ -65,6 +70,8 @@ impl Kind {
             6 => Kind::Handoff,
             7 => Kind::HandoffResult,
             8 => Kind::Evict,
+            9 => Kind::ArbiterStatus,
+            10 => Kind::ArbiterCheck,
             _ => return None,
         })
     }
@@ -124,6 +131,13 @@ pub enum Frame {
         /// Human-readable reason.
         reason: String,
     },
+    /// Whether the backup can reach the arbiter (its lease renews).
+    ArbiterStatus {
+        /// The backup's last renewal succeeded.
+        reachable: bool,
+    },
+    /// The source asks the backup to check its arbiter session now.
+    ArbiterCheck,
 }
 
 /// Longest free-text detail in REJECT, EVICT and HANDOFF_RESULT, in bytes.
@@ -223,7 +237,7 @@ pub enum ProtocolError {
     #[error("unsupported protocol version {0} (this build speaks version {VERSION})")]
     BadVersion(u8),
     /// An unknown frame kind.
-    #[error("unknown frame kind {0} (known: 1..=8)")]
+    #[error("unknown frame kind {0} (known: 1..=10)")]
     BadKind(u8),
     /// Payload longer than allowed.
     #[error("oversized frame: payload of {0} bytes (at most {MAX_PAYLOAD} allowed)")]
@@ -274,6 +288,8 @@ impl Frame {
             Frame::Handoff => Kind::Handoff,
             Frame::HandoffResult { .. } => Kind::HandoffResult,
             Frame::Evict { .. } => Kind::Evict,
+            Frame::ArbiterStatus { .. } => Kind::ArbiterStatus,
+            Frame::ArbiterCheck => Kind::ArbiterCheck,
         }
     }
 
@@ -288,6 +304,8 @@ impl Frame {
             Frame::Handoff => "HANDOFF",
             Frame::HandoffResult { .. } => "HANDOFF_RESULT",
             Frame::Evict { .. } => "EVICT",
+            Frame::ArbiterStatus { .. } => "ARBITER_STATUS",
+            Frame::ArbiterCheck => "ARBITER_CHECK",
         }
     }
 
@@ -332,6 +350,8 @@ impl Frame {
                 payload.extend_from_slice(cut(detail, MAX_DETAIL));
             }
             Frame::Evict { reason } => payload.extend_from_slice(cut(reason, MAX_DETAIL)),
+            Frame::ArbiterStatus { reachable } => payload.push(u8::from(*reachable)),
+            Frame::ArbiterCheck => {}
         }
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(&MAGIC);
@@ -425,6 +445,18 @@ impl Frame {
             Kind::Evict => Ok(Frame::Evict {
                 reason: detail(p).map_err(|e| bad(&e))?,
             }),
+            Kind::ArbiterStatus => match p {
+                [0] => Ok(Frame::ArbiterStatus { reachable: false }),
+                [1] => Ok(Frame::ArbiterStatus { reachable: true }),
+                _ => Err(bad("expected one byte, 0 or 1")),
+            },
+            Kind::ArbiterCheck => {
+                if p.is_empty() {
+                    Ok(Frame::ArbiterCheck)
+                } else {
+                    Err(bad("expected no payload"))
+                }
+            }
         }
     }
 }
@@ -646,6 +678,8 @@ mod tests {
             Frame::Evict {
                 reason: "HELLO on an armed link".into(),
             },
+            Frame::ArbiterStatus { reachable: false },
+            Frame::ArbiterCheck,
         ]
     }
 
@@ -784,7 +818,7 @@ mod tests {
     fn random_frames_after_the_magic_decode_canonically_or_not_at_all() {
         use proptest::prelude::*;
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(20_000));
-        let kinds = 0u8..=9;
+        let kinds = 0u8..=11;
         let payload = proptest::collection::vec(any::<u8>(), 0..300);
         runner
             .run(

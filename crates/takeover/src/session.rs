@@ -51,6 +51,7 @@ enum Cmd {
     Release(String, u64, Reply<()>),
     HandOver(String, u64, String, Reply<()>),
     Owner(String, Reply<Option<(Ownership, Option<Duration>)>>),
+    RenewNow,
     Close(mpsc::Sender<()>),
 }
 
@@ -194,6 +195,11 @@ impl ArbiterSession {
         self.send(Cmd::Owner(pair.into(), Box::new(reply)));
     }
 
+    /// Renews the lease now rather than at its rhythm; the outcome comes as a [`SessionEvent`].
+    pub fn renew_now(&self) {
+        self.send(Cmd::RenewNow);
+    }
+
     /// [`acquire`](Self::acquire), waiting for the answer at most `timeout`. For start-up only:
     /// never call it on an event loop.
     pub fn acquire_blocking(&self, pair: &str, timeout: Duration) -> Result<Acquire, ArbiterError> {
@@ -224,7 +230,7 @@ impl ArbiterSession {
                 Cmd::Acquire(_, _, r) => r(Err(e)),
                 Cmd::Release(_, _, r) | Cmd::HandOver(_, _, _, r) => r(Err(e)),
                 Cmd::Owner(_, r) => r(Err(e)),
-                Cmd::Close(_) => {}
+                Cmd::RenewNow | Cmd::Close(_) => {}
             }
         }
     }
@@ -290,6 +296,7 @@ impl Worker {
                 reply(self.arbiter.hand_over(&pair, epoch, &to));
             }
             Cmd::Owner(pair, reply) => reply(self.arbiter.owner(&pair)),
+            Cmd::RenewNow => self.renew(),
             Cmd::Close(ack) => {
                 let _ = ack.send(());
             }

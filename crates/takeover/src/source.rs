@@ -367,6 +367,8 @@ struct Conn {
     slow: Option<u64>,
     /// Told STAND_DOWN: its close confirms the stop.
     stood_down: bool,
+    /// What the backup last said of its own arbiter session (ARBITER_STATUS).
+    arbiter_ok: Option<bool>,
     /// The last REJECT/EVICT/close reason, for the report.
     why: String,
 }
@@ -420,6 +422,9 @@ pub struct SourceListener {
     fence_timer: Timer,
     /// When the next heartbeat is due, while heartbeats go out.
     next_beat: Option<Instant>,
+    /// Backups whose armed link ended without an orderly goodbye and that have not joined again:
+    /// any of them may be waiting for the pair, so the failsafe is off while one is listed.
+    lost_backups: std::collections::HashSet<String>,
     /// Rate limit of `BackupRejected` reports.
     rejects: RateLimit,
     /// Tells the local guest the instant it must not be entered after.
@@ -449,6 +454,11 @@ struct Arbitration {
     told: Option<Instant>,
     /// Reclaiming after a failed handoff: give up at this instant.
     reclaim_until: Option<Instant>,
+    /// A backup reaches the arbiter again while this source still cannot: the failsafe holds
+    /// until then so that our own session gets one prompt try (renew, or a new lease and the
+    /// pair again). Once per outage, so a flapping backup cannot stretch it.
+    rejoin_until: Option<Instant>,
+    rejoin_spent: bool,
 }
 
 impl SourceListener {
@@ -507,6 +517,7 @@ impl SourceListener {
             arbiter: None,
             fence_timer: Timer::new().map_err(Error::Resource)?,
             next_beat: None,
+            lost_backups: Default::default(),
             rejects: RateLimit::default(),
             run_deadline_hook: None,
         })
@@ -568,6 +579,8 @@ impl SourceListener {
             troubled: false,
             told: None,
             reclaim_until: None,
+            rejoin_until: None,
+            rejoin_spent: false,
         });
         self.update_fence();
     }
@@ -607,18 +620,42 @@ impl SourceListener {
     /// armed backup; `None` without one. A backup that lost the link waits at least as long after
     /// it last heard from us before it may start, so while this holds no copy can start.
     fn failsafe_until(&self, grace: Duration) -> Option<Instant> {
+        // A backup that lost its link may be asking the arbiter for the pair: with it around,
+        // no failsafe (it comes back by joining again).
+        if !self.lost_backups.is_empty() {
+            return None;
+        }
         let now = Instant::now();
-        self.conns
+        let armed: Vec<&Conn> = self
+            .conns
             .iter()
             .flatten()
             .filter(|c| matches!(c.state, ConnState::Joined | ConnState::Target))
+            .collect();
+        // Only an outage for everyone: a backup that still reaches the arbiter could be granted
+        // the pair (the premise of the failsafe, "nobody can take over without the arbiter",
+        // does not hold); then the source fences and that backup takes over properly.
+        if armed.is_empty() {
+            return None;
+        }
+        let mut cap = None;
+        if armed.iter().any(|c| c.arbiter_ok != Some(false)) {
+            // Only our own prompt retry (see `rejoin_until`) keeps it, and not past it.
+            match self.arbiter.as_ref().and_then(|a| a.rejoin_until) {
+                Some(r) if r > now => cap = Some(r),
+                _ => return None,
+            }
+        }
+        let acked = armed
+            .iter()
             .map(|c| {
                 let silent = crate::tcp_info(&c.sock).map_or(Duration::MAX, |i| {
                     Duration::from_millis(i.tcpi_last_ack_recv.min(i.tcpi_last_data_recv).into())
                 });
                 now.checked_sub(silent).unwrap_or(now - grace) + grace
             })
-            .min()
+            .min()?;
+        Some(cap.map_or(acked, |c| c.min(acked)))
     }
 
     /// Moves the fencing deadline: tells the guest, arms the timer, or fences when it passed.
@@ -678,14 +715,20 @@ impl SourceListener {
             SessionEvent::Renewed { valid_until } => {
                 if a.lease_until.is_some() {
                     a.lease_until = Some(valid_until - margin);
+                    // The pair is ours again: the outage is over.
+                    a.rejoin_until = None;
+                    a.rejoin_spent = false;
                 }
                 a.troubled = false;
             }
             SessionEvent::Trouble { error, .. } => {
                 if !a.troubled {
                     warn!("lease renewal failing ({error}); the failsafe decides until it works");
+                    // Ask the backups whether they reach the arbiter: the failsafe holds only
+                    // if none of them does.
+                    a.troubled = true;
+                    self.ask_arbiter_status();
                 }
-                a.troubled = true;
             }
             SessionEvent::Lost { error } => {
                 warn!("lease lost: {error}");
@@ -707,6 +750,13 @@ impl SourceListener {
         self.check_fence(ops);
     }
 
+    fn ask_arbiter_status(&mut self) {
+        let idx: Vec<usize> = self.joined_indices().collect();
+        for i in idx {
+            let _ = self.write_frame(i, &Frame::ArbiterCheck);
+        }
+    }
+
     fn on_reacquired(&mut self, ops: &mut EventOps, r: Result<Acquire, ArbiterError>) {
         match r {
             Ok(Acquire::Won { epoch }) => {
@@ -714,6 +764,9 @@ impl SourceListener {
                     let margin = fence_margin(a.session.ttl());
                     a.epoch = epoch;
                     a.lease_until = a.session.valid_until().map(|t| t - margin);
+                    a.troubled = false;
+                    a.rejoin_until = None;
+                    a.rejoin_spent = false;
                     let ttl = a.session.ttl();
                     info!("pair owned again after a lost lease (epoch {epoch})");
                     (self.observer)(&SourceNotice::Owner { epoch, ttl });
@@ -1203,6 +1256,9 @@ impl SourceListener {
                     }
                     _ => {
                         warn!("backup {peer} lost: {why}");
+                        if !c.node.is_empty() {
+                            self.lost_backups.insert(c.node.clone());
+                        }
                         (self.observer)(&SourceNotice::BackupLost { peer, why });
                     }
                 }
@@ -1473,6 +1529,7 @@ impl SourceListener {
             shutdown_after_flush: false,
             slow: None,
             stood_down: false,
+            arbiter_ok: None,
             why: String::new(),
         });
         self.handshaking += 1;
@@ -1540,6 +1597,26 @@ impl SourceListener {
         };
         match (c.state, frame) {
             (
+                ConnState::Joined | ConnState::Target | ConnState::Closing,
+                Frame::ArbiterStatus { reachable },
+            ) => {
+                c.arbiter_ok = Some(reachable);
+                debug!("backup {} reaches its arbiter: {reachable}", c.peer);
+                if let Some(a) = self.arbiter.as_mut() {
+                    let troubled = a.troubled || a.lease_until.is_none();
+                    if reachable && troubled && !a.rejoin_spent {
+                        // The arbiter is back for that backup: try ours now, briefly, before
+                        // the failsafe gives way (a takeover for an arbiter blip is a nuisance).
+                        let window = a.session.ttl() / 2;
+                        a.rejoin_until = Some(Instant::now() + window);
+                        a.rejoin_spent = true;
+                        a.session.renew_now();
+                        info!("a backup reaches the arbiter again; retrying ours for {window:?}");
+                    }
+                }
+                self.check_fence(ops);
+            }
+            (
                 ConnState::Handshaking,
                 Frame::Hello {
                     pair_id,
@@ -1565,6 +1642,7 @@ impl SourceListener {
                     };
                     return self.reject(ops, idx, RejectCode::Arbiter, why.into());
                 }
+                self.lost_backups.remove(&node);
                 c.node = node;
                 self.conn_input(ops, idx, ConnInput::HelloOk, String::new());
             }
@@ -1645,7 +1723,7 @@ impl SourceListener {
             // Asked every `UNSENT_CHECK_EVERY` beats (and every beat while it does not read):
             // a syscall per link per beat is what 1,000 links cannot afford, and a few beats
             // more in the queue change nothing (they stay far below the send buffer).
-            let check = c.slow.is_some() || self.seq % UNSENT_CHECK_EVERY == 0;
+            let check = c.slow.is_some() || self.seq.is_multiple_of(UNSENT_CHECK_EVERY);
             let unsent = if !c.outbox.is_empty() {
                 usize::MAX
             } else if check {
