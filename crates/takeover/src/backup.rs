@@ -356,6 +356,11 @@ pub struct BackupMonitor {
     keepalive: Option<EffectiveKeepalive>,
     heartbeat: Option<Duration>,
     last_rx: Instant,
+    /// When the last link socket was closed: the source hears nothing of us after that (ACKs of
+    /// its frames, our ARBITER_STATUS), so the failsafe wait counts from the later of the two.
+    link_closed_at: Instant,
+    /// The current socket sent HELLO.
+    hello_sent: bool,
     /// The keepalive bound the watchdog enforces, while armed.
     watchdog: Option<Duration>,
     stats: HeartbeatStats,
@@ -416,6 +421,8 @@ impl BackupMonitor {
             keepalive: None,
             heartbeat: None,
             last_rx: Instant::now(),
+            link_closed_at: Instant::now(),
+            hello_sent: false,
             watchdog: None,
             stats: HeartbeatStats::default(),
             record: None,
@@ -513,7 +520,7 @@ impl BackupMonitor {
             Action::Connect => self.connect(ops),
             Action::Redial => self.redial(ops, detail),
             Action::Arm => self.arm(),
-            Action::DropLink => self.drop_socket(ops),
+            Action::DropLink => self.drop_socket(ops, true),
             Action::Verdict(reason) => {
                 if let Some(a) = self.arbiter.as_mut() {
                     a.verdict_at = Some(Instant::now());
@@ -635,9 +642,9 @@ impl BackupMonitor {
                     // Granted after the link healed (or after the end): give it back.
                     return self.feed(ops, Input::ArbiterWon, "late grant");
                 }
-                // The source may run on for its failsafe grace after it last heard from us;
-                // we last heard from it no earlier than it last heard from us.
-                let until = self.last_rx + a.grace + FAILSAFE_MARGIN;
+                // The source may run on for its failsafe grace after it last heard from us,
+                // which is no later than our link socket's close (a reset: nothing follows).
+                let until = self.last_rx.max(self.link_closed_at) + a.grace + FAILSAFE_MARGIN;
                 if reason != Some(TakeoverReason::Handoff)
                     && a.grace > Duration::ZERO
                     && now < until
@@ -789,9 +796,18 @@ impl BackupMonitor {
         Ok(sock)
     }
 
-    /// Closes the link, if any.
-    fn drop_socket(&mut self, ops: &mut EventOps) {
+    /// Closes the link, if any. `abort`: with a reset (no FIN, nothing of ours retransmitted
+    /// later), so that the source's last news of us is no later than now; the failsafe wait after
+    /// a grant counts from here (see `on_acquired`).
+    fn drop_socket(&mut self, ops: &mut EventOps, abort: bool) {
         if let Some(sock) = self.sock.take() {
+            if abort {
+                let _ = sock.set_linger(Some(Duration::ZERO));
+            }
+            // Only a socket that said HELLO can have joined at the source.
+            if std::mem::take(&mut self.hello_sent) {
+                self.link_closed_at = Instant::now();
+            }
             // Deregister before close so that a recycled fd number never meets a stale entry.
             let _ = ops.remove(Events::empty(&sock));
         }
@@ -799,7 +815,7 @@ impl BackupMonitor {
     }
 
     fn redial(&mut self, ops: &mut EventOps, why: &str) {
-        self.drop_socket(ops);
+        self.drop_socket(ops, true);
         let delay = self.backoff;
         self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
         let now = Instant::now();
@@ -955,7 +971,7 @@ impl BackupMonitor {
             };
             self.send(&Frame::HandoffResult { status, detail });
         }
-        self.drop_socket(ops);
+        self.drop_socket(ops, false);
         let _ = self.timer.disarm();
         // Our copy does not run: the pair goes back, so that the source (after a failed handoff)
         // or another backup can take it. After a timeout it may run: the pair stays ours.
@@ -1042,7 +1058,7 @@ impl BackupMonitor {
             }
             .encode();
             match (&*sock).write(&hello) {
-                Ok(n) if n == hello.len() => {}
+                Ok(n) if n == hello.len() => self.hello_sent = true,
                 Ok(n) => {
                     let why = format!("short HELLO write ({n} of {} bytes)", hello.len());
                     return self.feed(ops, Input::Failed(SocketFailure::Other), &why);
