@@ -102,7 +102,6 @@ pub struct BackupHandshake {
 }
 
 /// The backup's handshake succeeded: the source proved it holds the key.
-#[derive(Debug)]
 pub struct Welcomed {
     /// The session, for sealing and opening every later frame.
     pub session: Session,
@@ -111,6 +110,16 @@ pub struct Welcomed {
     pub auth: Vec<u8>,
     /// What the source announced, now authenticated.
     pub welcome: WelcomeInfo,
+}
+
+impl fmt::Debug for Welcomed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Welcomed")
+            .field("session", &self.session)
+            .field("auth", &format_args!("<{} bytes>", self.auth.len()))
+            .field("welcome", &self.welcome)
+            .finish()
+    }
 }
 
 /// Why the backup's handshake ended without a WELCOME.

@@ -107,6 +107,13 @@ impl Session {
         self.rx_next.filter(|_| self.failed.is_none())
     }
 
+    /// Moves both sequence numbers, to test their ends.
+    #[cfg(test)]
+    pub(crate) fn set_seqs(&mut self, tx: u64, rx: u64) {
+        self.tx_seq = tx;
+        self.rx_next = Some(rx);
+    }
+
     fn take_seq(&mut self) -> u64 {
         let s = self.tx_seq;
         self.tx_seq = s.saturating_add(1);
