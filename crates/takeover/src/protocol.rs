@@ -291,8 +291,8 @@ pub enum ProtocolError {
     },
     /// Version 2 reader: the peer speaks another version.
     #[error(
-        "peer speaks protocol version {got}; this build requires {}: an authenticated link \
-         (docs/protocol.md, \"Version 2\"), so upgrade the peer",
+        "peer speaks protocol version {got}; this build requires {} (the authenticated link \
+         of docs/protocol.md, \"Version 2\"): run the same version on both sides",
         crate::auth::VERSION
     )]
     PeerVersion {

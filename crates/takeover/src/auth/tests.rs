@@ -1246,3 +1246,24 @@ fn long_keys_work_end_to_end() {
     );
     let _ = Scripted(vec![]);
 }
+
+/// From fuzzing (`frame_handshake`, the first run): a bad magic is refused as soon as its first
+/// wrong byte arrives, however the stream is cut; what the error quotes is what had arrived by
+/// then (so a byte-by-byte reader quotes less than one given the whole stream).
+#[test]
+fn a_bad_magic_is_refused_at_its_first_wrong_byte_however_the_bytes_arrive() {
+    let stream = b"MVTK\x02\x01\x00\x00";
+    let mut r = Reader::new();
+    r.push(&stream[..1]);
+    assert_eq!(
+        r.next_handshake(),
+        Err(ProtocolError::BadMagic([b'M', 0, 0, 0]))
+    );
+    let mut r = Reader::new();
+    r.push(stream);
+    assert_eq!(r.next_handshake(), Err(ProtocolError::BadMagic(*b"MVTK")));
+    // A correct prefix waits for more.
+    let mut r = Reader::new();
+    r.push(b"VMT");
+    assert_eq!(r.next_handshake(), Ok(None));
+}

@@ -30,7 +30,7 @@ fn vector(name: &str) -> Vec<u8> {
         .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
         .collect();
     assert!(
-        hex.len() % 2 == 0,
+        hex.len().is_multiple_of(2),
         "vector {name}: odd number of hex digits"
     );
     (0..hex.len())
