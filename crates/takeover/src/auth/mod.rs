@@ -25,6 +25,37 @@
 //! `--insecure-no-auth` is [`Credentials::Insecure`]: the same frames with key id 0 and every MAC
 //! field zero (nonces and sequence numbers are still checked). A side with a key never accepts
 //! such a peer, and an insecure side refuses a peer with a key, so neither can be talked down.
+//!
+//! # Wiring it into the subscribers
+//!
+//! At start: [`Credentials`] from `--psk-file` ([`KeyRing::load`]) or `--insecure-no-auth`, and
+//! one [`OsEntropy::new`]. Each connection keeps one [`Reader`] for its whole life.
+//!
+//! Backup: [`BackupHandshake::start`] → write the HELLO; [`Reader::next_handshake`] →
+//! [`BackupHandshake::on_welcome`]:
+//! - `Ok(w)`: check `w.welcome` as version 1 checks a WELCOME (heartbeat range, arbiter on both
+//!   sides); refuse by closing without the AUTH; else write `w.auth`, keep `w.session`, arm.
+//! - `Err(HandshakeFailure::Rejected { authenticated, .. })`: as version 1's REJECT when
+//!   `authenticated` or insecure; a keyed backup treats an unauthenticated one as transient.
+//! - `Err(HandshakeFailure::Protocol(e))`: as version 1's decode errors; `WelcomeNotAuthentic`
+//!   and `PeerVersion` are unauthenticated too (permanent only before the first arming).
+//!
+//! Armed, [`Reader::next_frame`] with the session yields the same [`Frame`](crate::protocol::Frame)s
+//! version 1's reader did; any error (bad tag, replay, gap, [`ProtocolError::LateReject`](crate::protocol::ProtocolError::LateReject))
+//! is a protocol error on an armed link: drop and redial, never a takeover. HANDOFF_RESULT goes
+//! out through [`Session::seal`].
+//!
+//! Source: [`Reader::next_handshake`] → [`SourceHandshake::on_hello`]; an error of either is
+//! answered with [`reject_for_error`] and the connection closed. Policy checks use
+//! [`SourceHandshake::peer_node`]; refusals (busy, stopping, arbiter) use
+//! [`SourceHandshake::reject`] or [`AwaitingAuth::reject`]. [`SourceHandshake::welcome`] gives the
+//! WELCOME; the next frame goes to [`AwaitingAuth::on_auth`]. From then on every failure (a decode
+//! error too) is answered with [`auth_failure_answer`]: note the arrival time, write the bytes
+//! [`AUTH_FAILURE_DELAY`] later (the handshake deadline still applies), half-close, and log the
+//! [`AuthFailure`] (or [`AwaitingAuth::doomed`] if the backup hung up first) locally only. Joined,
+//! each connection seals its own frames: [`Session::seal_heartbeat`] (no allocation) and
+//! [`Session::seal_into`] its outbox; a heartbeat that is skipped is not sealed. What comes in
+//! goes through [`Reader::next_frame`]; an error there gets EVICT (sealed), as version 1.
 
 mod handshake;
 mod keys;
