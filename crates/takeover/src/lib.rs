@@ -6,7 +6,8 @@
 //! - [`backup::BackupMonitor`]: the backup VMM's subscriber; connects with keepalive tuning, arms the
 //!   link, and calls [`VmStart`] at most once when the armed link is lost.
 //! - [`link`]: the pure state machines of both sides, behind every decision.
-//! - [`protocol`]: wire protocol v1.
+//! - [`protocol`]: wire protocol v1, and the frames and errors version 2 keeps.
+//! - [`auth`]: wire protocol v2: key files, the authenticated handshake, sealed frames.
 //! - [`arbiter`]: the ownership of a pair, decided by an external arbiter (split-brain guard).
 //!
 //! Both subscribers implement event-manager's `MutEventSubscriber`: add them to the VMM's own
@@ -16,6 +17,7 @@
 use std::net::SocketAddr;
 
 pub mod arbiter;
+pub mod auth;
 pub mod backup;
 pub mod hook;
 pub mod link;

@@ -11,6 +11,11 @@
 //!
 //! Every byte on the link belongs to a frame, so a stray byte is a protocol error rather than
 //! "data arrived". See `docs/protocol.md`.
+//!
+//! Version 2 (authenticated: a handshake with nonces and MACs, every later frame sealed with a
+//! sequence number and a MAC) lives in [`crate::auth`]; it keeps this module's frame kinds, their
+//! payloads and [`Frame`] as the decoded form, and adds the AUTH kind, the `auth` reject code and
+//! the errors of authentication to [`Kind`], [`RejectCode`] and [`ProtocolError`].
 
 use std::fmt;
 use std::time::Duration;
@@ -52,15 +57,18 @@ pub enum Kind {
     HandoffResult = 7,
     /// source → backup: the source lives and drops this connection; dial again.
     Evict = 8,
+    /// backup → source, version 2 only: the backup's proof that it holds the key.
+    Auth = 9,
     /// backup → source: whether this backup's arbiter session works (the failsafe needs every
     /// backup unable to reach the arbiter too).
-    ArbiterStatus = 9,
+    ArbiterStatus = 10,
     /// source → backup: the source cannot renew its lease: check yours now and report.
-    ArbiterCheck = 10,
+    ArbiterCheck = 11,
 }
 
 impl Kind {
-    fn from_u8(b: u8) -> Option<Kind> {
+    /// The kind of a kind byte of either version (`Auth` only exists in version 2).
+    pub(crate) fn from_u8(b: u8) -> Option<Kind> {
         Some(match b {
             1 => Kind::Hello,
             2 => Kind::Welcome,
@@ -70,10 +78,33 @@ impl Kind {
             6 => Kind::Handoff,
             7 => Kind::HandoffResult,
             8 => Kind::Evict,
-            9 => Kind::ArbiterStatus,
-            10 => Kind::ArbiterCheck,
+            9 => Kind::Auth,
+            10 => Kind::ArbiterStatus,
+            11 => Kind::ArbiterCheck,
             _ => return None,
         })
+    }
+
+    /// The kind of a version 1 kind byte.
+    fn from_u8_v1(b: u8) -> Option<Kind> {
+        Kind::from_u8(b).filter(|k| *k != Kind::Auth)
+    }
+
+    /// The kind's name on the wire, for logs and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hello => "HELLO",
+            Kind::Welcome => "WELCOME",
+            Kind::Reject => "REJECT",
+            Kind::Heartbeat => "HEARTBEAT",
+            Kind::StandDown => "STAND_DOWN",
+            Kind::Handoff => "HANDOFF",
+            Kind::HandoffResult => "HANDOFF_RESULT",
+            Kind::Evict => "EVICT",
+            Kind::Auth => "AUTH",
+            Kind::ArbiterStatus => "ARBITER_STATUS",
+            Kind::ArbiterCheck => "ARBITER_CHECK",
+        }
     }
 }
 
@@ -162,6 +193,10 @@ pub enum RejectCode {
     /// One side uses an arbiter and the other does not: arbitration only guards a pair whose
     /// both sides use it. Permanent.
     Arbiter = 7,
+    /// Version 2: authentication failed, or one side has a key and the other does not. The same
+    /// bytes whatever went wrong after a bad AUTH (see [`crate::auth::auth_failure_answer`]).
+    /// Permanent.
+    Auth = 8,
 }
 
 impl RejectCode {
@@ -174,6 +209,7 @@ impl RejectCode {
             5 => RejectCode::Stopping,
             6 => RejectCode::Unexpected,
             7 => RejectCode::Arbiter,
+            8 => RejectCode::Auth,
             _ => return None,
         })
     }
@@ -187,6 +223,7 @@ impl RejectCode {
                 | RejectCode::Malformed
                 | RejectCode::Unexpected
                 | RejectCode::Arbiter
+                | RejectCode::Auth
         )
     }
 
@@ -200,6 +237,7 @@ impl RejectCode {
             RejectCode::Stopping => "stopping",
             RejectCode::Unexpected => "unexpected",
             RejectCode::Arbiter => "arbiter",
+            RejectCode::Auth => "auth",
         }
     }
 }
@@ -237,7 +275,7 @@ pub enum ProtocolError {
     #[error("unsupported protocol version {0} (this build speaks version {VERSION})")]
     BadVersion(u8),
     /// An unknown frame kind.
-    #[error("unknown frame kind {0} (known: 1..=10)")]
+    #[error("unknown frame kind {0} (known: 1..=8 and 10..=11, and 9 in version 2)")]
     BadKind(u8),
     /// Payload longer than allowed.
     #[error("oversized frame: payload of {0} bytes (at most {MAX_PAYLOAD} allowed)")]
@@ -259,19 +297,108 @@ pub enum ProtocolError {
         /// Received.
         got: String,
     },
+    /// A whole frame handed over with fewer bytes than its header announces.
+    #[error("truncated frame: {got} bytes, its header announces {want}")]
+    Truncated {
+        /// Bytes handed over.
+        got: usize,
+        /// Bytes the header announces (the header itself included).
+        want: usize,
+    },
+    /// Version 2 reader: the peer speaks another version.
+    #[error(
+        "peer speaks protocol version {got}; this build requires {} (the authenticated link \
+         of docs/protocol.md, \"Version 2\"): run the same version on both sides",
+        crate::auth::VERSION
+    )]
+    PeerVersion {
+        /// The version byte received.
+        got: u8,
+    },
+    /// A sealed frame whose MAC does not verify: altered, or not sealed by the peer of this
+    /// session.
+    #[error(
+        "{} frame (sequence number {seq}) failed authentication: altered in transit, sealed \
+         for another session, or not sent by the peer",
+        kind.name()
+    )]
+    BadMac {
+        /// The frame's kind byte, as received.
+        kind: Kind,
+        /// Its sequence number, as received (unauthenticated).
+        seq: u64,
+    },
+    /// An authentic sealed frame that was already received: a replay.
+    #[error("replayed {} frame: sequence number {got}, expected {expected}", kind.name())]
+    Replayed {
+        /// The frame's kind.
+        kind: Kind,
+        /// Its sequence number.
+        got: u64,
+        /// The next sequence number this side expects.
+        expected: u64,
+    },
+    /// An authentic sealed frame from further on: frames in between were dropped.
+    #[error(
+        "{} frame(s) missing: {} has sequence number {got}, expected {expected}",
+        got.saturating_sub(*expected),
+        kind.name()
+    )]
+    Skipped {
+        /// The frame's kind.
+        kind: Kind,
+        /// Its sequence number.
+        got: u64,
+        /// The next sequence number this side expects.
+        expected: u64,
+    },
+    /// The session's sequence numbers are used up, or it already failed: dial again.
+    #[error("session closed: {0}; dial again")]
+    SessionClosed(&'static str),
+    /// The backup cannot verify the source's WELCOME.
+    #[error(
+        "WELCOME failed authentication: the source does not know key {key_id}, or serves \
+         another pair than {pair_id:?}, or the handshake was altered in transit"
+    )]
+    WelcomeNotAuthentic {
+        /// The key this backup used.
+        key_id: u16,
+        /// The pair this backup asked for.
+        pair_id: String,
+    },
+    /// One side has a key and the other has none (`--insecure-no-auth`).
+    #[error("authentication mismatch: {0}")]
+    AuthMode(&'static str),
+    /// A REJECT after the handshake (after a bad AUTH the source answers one): never
+    /// authenticated, so it only ends the link.
+    #[error(
+        "REJECT ({}) after the handshake: the source refused this backup's AUTH (altered in \
+         transit?) or the frame is forged",
+        .0.as_str()
+    )]
+    LateReject(RejectCode),
 }
 
 impl ProtocolError {
     /// The REJECT code a source answers this error with during a handshake.
     pub fn reject_code(&self) -> RejectCode {
         match self {
-            ProtocolError::BadVersion(_) => RejectCode::Version,
+            ProtocolError::BadVersion(_) | ProtocolError::PeerVersion { .. } => RejectCode::Version,
+            ProtocolError::WelcomeNotAuthentic { .. } | ProtocolError::AuthMode(_) => {
+                RejectCode::Auth
+            }
+            ProtocolError::LateReject(_) => RejectCode::Unexpected,
             ProtocolError::PairIdMismatch { .. } => RejectCode::PairMismatch,
             ProtocolError::Unexpected(..) => RejectCode::Unexpected,
             ProtocolError::BadMagic(_)
             | ProtocolError::BadKind(_)
             | ProtocolError::Oversized(_)
-            | ProtocolError::BadPayload { .. } => RejectCode::Malformed,
+            | ProtocolError::BadPayload { .. }
+            | ProtocolError::Truncated { .. }
+            | ProtocolError::BadMac { .. }
+            | ProtocolError::Replayed { .. }
+            | ProtocolError::Skipped { .. }
+            | ProtocolError::SessionClosed(_) => RejectCode::Malformed,
         }
     }
 }
@@ -315,15 +442,28 @@ impl Frame {
     /// checked where they are configured; free text is informational).
     pub fn encode(&self) -> Vec<u8> {
         let mut payload = Vec::new();
+        self.encode_payload(&mut payload);
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.kind() as u8);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Appends the payload (version 1's, which version 2 keeps for every kind but HELLO and
+    /// REJECT, and extends for WELCOME) to `payload`.
+    pub(crate) fn encode_payload(&self, payload: &mut Vec<u8>) {
         match self {
             Frame::Hello {
                 pair_id,
                 node,
                 auth_tag,
             } => {
-                put_short(&mut payload, pair_id.as_bytes(), MAX_PAIR_ID);
-                put_short(&mut payload, node.as_bytes(), MAX_NODE);
-                put_short(&mut payload, auth_tag, u8::MAX as usize);
+                put_short(payload, pair_id.as_bytes(), MAX_PAIR_ID);
+                put_short(payload, node.as_bytes(), MAX_NODE);
+                put_short(payload, auth_tag, u8::MAX as usize);
             }
             Frame::Welcome {
                 heartbeat,
@@ -335,7 +475,7 @@ impl Frame {
                 payload.push(u8::from(heartbeat.is_some()));
                 let us = heartbeat.map_or(0, |d| d.as_micros().min(u128::from(u32::MAX)) as u32);
                 payload.extend_from_slice(&us.to_be_bytes());
-                put_short(&mut payload, node.as_bytes(), MAX_NODE);
+                put_short(payload, node.as_bytes(), MAX_NODE);
                 let ms = fence_grace.as_millis().min(u128::from(u32::MAX)) as u32;
                 payload.extend_from_slice(&ms.to_be_bytes());
             }
@@ -353,16 +493,10 @@ impl Frame {
             Frame::ArbiterStatus { reachable } => payload.push(u8::from(*reachable)),
             Frame::ArbiterCheck => {}
         }
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.push(self.kind() as u8);
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        out.extend_from_slice(&payload);
-        out
     }
 
-    fn decode(kind: Kind, p: &[u8]) -> Result<Frame, ProtocolError> {
+    /// Decodes a payload of `kind` (version 1's layout).
+    pub(crate) fn decode(kind: Kind, p: &[u8]) -> Result<Frame, ProtocolError> {
         let bad = |why: &str| ProtocolError::BadPayload {
             kind,
             why: why.to_string(),
@@ -411,7 +545,7 @@ impl Frame {
             Kind::Reject => {
                 let (&c, text) = p.split_first().ok_or_else(|| bad("no reject code"))?;
                 let code = RejectCode::from_u8(c)
-                    .ok_or_else(|| bad(&format!("unknown reject code {c} (1..=7)")))?;
+                    .ok_or_else(|| bad(&format!("unknown reject code {c} (1..=8)")))?;
                 Ok(Frame::Reject {
                     code,
                     reason: detail(text).map_err(|e| bad(&e))?,
@@ -445,6 +579,7 @@ impl Frame {
             Kind::Evict => Ok(Frame::Evict {
                 reason: detail(p).map_err(|e| bad(&e))?,
             }),
+            Kind::Auth => Err(bad("AUTH is a version 2 handshake frame")),
             Kind::ArbiterStatus => match p {
                 [0] => Ok(Frame::ArbiterStatus { reachable: false }),
                 [1] => Ok(Frame::ArbiterStatus { reachable: true }),
@@ -462,7 +597,7 @@ impl Frame {
 }
 
 /// A length-prefixed (`u8`) field, cut to `max` bytes.
-fn put_short(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
+pub(crate) fn put_short(out: &mut Vec<u8>, bytes: &[u8], max: usize) {
     let b = &bytes[..bytes.len().min(max).min(u8::MAX as usize)];
     out.push(b.len() as u8);
     out.extend_from_slice(b);
@@ -491,10 +626,10 @@ fn detail(bytes: &[u8]) -> Result<String, String> {
 }
 
 /// Reads length-prefixed fields off a payload.
-struct Cursor<'a>(&'a [u8]);
+pub(crate) struct Cursor<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Cursor<'a> {
-    fn short(&mut self, max: usize, what: &str) -> Result<&'a [u8], String> {
+    pub(crate) fn short(&mut self, max: usize, what: &str) -> Result<&'a [u8], String> {
         let (&n, rest) = self
             .0
             .split_first()
@@ -511,14 +646,14 @@ impl<'a> Cursor<'a> {
         Ok(field)
     }
 
-    fn text(&mut self, max: usize, what: &str) -> Result<String, String> {
+    pub(crate) fn text(&mut self, max: usize, what: &str) -> Result<String, String> {
         let b = self.short(max, what)?;
         std::str::from_utf8(b)
             .map(str::to_string)
             .map_err(|_| format!("{what} is not UTF-8"))
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, String> {
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, String> {
         if self.0.len() < 4 {
             return Err(format!("truncated {what}"));
         }
@@ -527,7 +662,7 @@ impl<'a> Cursor<'a> {
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn end(&self) -> Result<(), String> {
+    pub(crate) fn end(&self) -> Result<(), String> {
         if self.0.is_empty() {
             Ok(())
         } else {
@@ -617,7 +752,7 @@ impl FrameReader {
         if self.buf.len() >= 5 && self.buf[4] != VERSION {
             return Err(ProtocolError::BadVersion(self.buf[4]));
         }
-        if self.buf.len() >= 6 && Kind::from_u8(self.buf[5]).is_none() {
+        if self.buf.len() >= 6 && Kind::from_u8_v1(self.buf[5]).is_none() {
             return Err(ProtocolError::BadKind(self.buf[5]));
         }
         if self.buf.len() < HEADER_LEN {
@@ -631,7 +766,7 @@ impl FrameReader {
             return Ok(None);
         }
         // The kind byte was checked above.
-        let kind = Kind::from_u8(self.buf[5]).ok_or(ProtocolError::BadKind(self.buf[5]))?;
+        let kind = Kind::from_u8_v1(self.buf[5]).ok_or(ProtocolError::BadKind(self.buf[5]))?;
         let frame = Frame::decode(kind, &self.buf[HEADER_LEN..HEADER_LEN + len]);
         self.buf.drain(..HEADER_LEN + len);
         frame.map(Some)
