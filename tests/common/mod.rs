@@ -29,6 +29,40 @@ pub fn bin() -> PathBuf {
     dir.join("vmm-takeover")
 }
 
+/// The key file every test's source and backup share unless a test says otherwise: written
+/// once per test process by `vmm-takeover keygen` (so keygen itself runs in every test run).
+pub fn test_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join(format!("test-{}.psk", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let out = Command::new(bin())
+            .arg("keygen")
+            .arg(&path)
+            .output()
+            .expect("run vmm-takeover keygen");
+        assert!(out.status.success(), "keygen failed: {out:?}");
+        path.to_string_lossy().into_owned()
+    })
+}
+
+/// `args` with `--psk-file <test key>` added after a `source`/`backup` subcommand that says
+/// nothing about authentication.
+pub fn with_auth(args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if matches!(args.first(), Some(&"source") | Some(&"backup"))
+        && !args
+            .iter()
+            .take_while(|a| **a != "--")
+            .any(|a| *a == "--psk-file" || *a == "--insecure-no-auth")
+    {
+        v.insert(1, test_key().to_string());
+        v.insert(1, "--psk-file".to_string());
+    }
+    v
+}
+
 /// Now, in microseconds since the epoch (the clock the events use).
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -221,7 +255,7 @@ impl Proc {
             c
         };
         let (out_rd, out_wr, out_size) = make_pipe(opts.pipe_size);
-        cmd.args(args)
+        cmd.args(with_auth(args))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out_wr));
         let mut err_rd = None;
