@@ -30,7 +30,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     cfg.hook_timeout = a.hook_timeout;
     cfg.retry_rejected = a.retry_rejected;
     cfg.credentials = crate::credentials(&a.auth)?;
-    let auth = crate::auth_json(&cfg.credentials);
+    let auth = crate::auth_json(&cfg.credentials, true);
     let (hook, guest) = hooks::start_hook(&a)?;
     let session = open_arbiter(&a.arbiter)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.

@@ -155,8 +155,12 @@ fn credentials(a: &cli::AuthArgs) -> Result<vmm_takeover_core::auth::Credentials
 
 /// How the link is authenticated, for the `listening` and `armed` events: the key ids (never
 /// the keys), or `null` for `--insecure-no-auth`.
-fn auth_json(c: &vmm_takeover_core::auth::Credentials) -> Value {
+/// A source accepts every key of its file (`key_ids`); a backup uses the newest (`key_id`).
+fn auth_json(c: &vmm_takeover_core::auth::Credentials, backup: bool) -> Value {
     match c {
+        vmm_takeover_core::auth::Credentials::Keys(ring) if backup => {
+            json!({"mode": "psk", "key_id": ring.newest().id()})
+        }
         vmm_takeover_core::auth::Credentials::Keys(ring) => {
             json!({"mode": "psk", "key_ids": ring.ids().collect::<Vec<_>>()})
         }

@@ -36,7 +36,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     cfg.pause_timeout = a.hook_timeout;
     cfg.handoff_timeout = a.handoff_timeout;
     cfg.credentials = crate::credentials(&a.auth)?;
-    let auth = crate::auth_json(&cfg.credentials);
+    let auth = crate::auth_json(&cfg.credentials, false);
     cfg.max_pending = a.max_pending as usize;
     cfg.max_pending_per_addr = a.max_pending_per_addr as usize;
     let detection_off = !cfg.keepalive.enabled && cfg.heartbeat.is_none();

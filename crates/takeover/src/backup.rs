@@ -1327,6 +1327,17 @@ impl BackupMonitor {
                     let (input, why) = self.frame_input(Frame::Reject { code, reason });
                     return (input, why.unwrap_or_default());
                 }
+                // Anyone on the path could have sent it: never a missed STAND_DOWN, and final only
+                // before this backup ever armed (a misconfiguration the operator must see, such
+                // as a source without keys), never once it has.
+                if code.is_permanent() && !self.ever_armed && !self.cfg.retry_rejected {
+                    let why = format!(
+                        "rejected by the source ({}, unauthenticated): {reason}",
+                        code.as_str()
+                    );
+                    warn!("{why}");
+                    return (Input::RejectedPermanent, why);
+                }
                 let why = format!(
                     "unauthenticated REJECT ({}: {reason}): taken as a transient refusal, since \
                      anyone on the path could have sent it",
