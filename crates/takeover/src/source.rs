@@ -59,6 +59,11 @@ pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Reports of rejected connections per second, at most.
 pub const REJECT_REPORTS_PER_SECOND: u32 = 10;
 
+/// Failed handshakes from one address within a second after which its new connections are
+/// closed at once, for the rest of that second. A real backup never fails its handshake; a
+/// flood of garbage from one host then costs an accept and a close per connection.
+pub const PENALTY_FAILURES: u32 = 16;
+
 /// At most [`REJECT_REPORTS_PER_SECOND`] reports a second; the others are counted and the count
 /// goes with the next report.
 #[derive(Debug, Default)]
@@ -461,6 +466,9 @@ pub struct SourceListener {
     lost_backups: std::collections::HashSet<String>,
     /// Rate limit of `BackupRejected` reports.
     rejects: RateLimit,
+    /// Failed handshakes per remote address in the current second: an address past
+    /// [`PENALTY_FAILURES`] has its new connections closed at once until the second is over.
+    penalty: std::collections::HashMap<std::net::IpAddr, (Instant, u32)>,
     /// Tells the local guest the instant it must not be entered after.
     run_deadline_hook: Option<RunDeadlineHook>,
 }
@@ -562,6 +570,7 @@ impl SourceListener {
             next_beat: None,
             lost_backups: Default::default(),
             rejects: RateLimit::default(),
+            penalty: Default::default(),
             run_deadline_hook: None,
         })
     }
@@ -1266,7 +1275,13 @@ impl SourceListener {
             c.why = why;
         }
         match (before, next) {
-            (ConnState::Handshaking, s) if s != ConnState::Handshaking => self.handshaking -= 1,
+            (ConnState::Handshaking, s) if s != ConnState::Handshaking => {
+                self.handshaking -= 1;
+                if s == ConnState::Closed {
+                    let ip = c.peer.ip();
+                    self.note_failure_from(ip);
+                }
+            }
             _ => {}
         }
         match (before, next) {
@@ -1518,7 +1533,40 @@ impl SourceListener {
         }
     }
 
+    /// Notes a failed handshake from `ip`.
+    fn note_failure_from(&mut self, ip: std::net::IpAddr) {
+        let now = Instant::now();
+        if self.penalty.len() > 4096 {
+            self.penalty
+                .retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(1));
+        }
+        let e = self.penalty.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+
+    /// Whether `ip` failed too many handshakes this second.
+    fn penalized(&self, ip: std::net::IpAddr) -> bool {
+        self.penalty.get(&ip).is_some_and(|(t, n)| {
+            *n >= PENALTY_FAILURES && t.elapsed() < Duration::from_secs(1)
+        })
+    }
+
     fn admit(&mut self, ops: &mut EventOps, sock: Socket, peer: SocketAddr) {
+        if self.penalized(peer.ip()) {
+            // Closed unread (a reset): the address keeps failing handshakes.
+            self.report_rejected(
+                peer,
+                format!(
+                    "{} failed {PENALTY_FAILURES} handshakes within a second: closed at once \
+                     for the rest of it",
+                    peer.ip()
+                ),
+            );
+            return;
+        }
         // A stopping source still takes the HELLO: its REJECT `stopping` must be tagged, or a
         // keyed backup could not tell it from a forged one (it reads it as a missed STAND_DOWN).
         if self.joined >= self.cfg.max_backups {
@@ -1547,10 +1595,9 @@ impl SourceListener {
             let limit = self.cfg.max_pending;
             self.evict_oldest_handshake(ops, &format!("more than {limit} handshakes pending"));
         }
-        if let Err(e) = sock
-            .set_nonblocking(true)
-            .and_then(|()| crate::tune_socket(&sock, &self.cfg.keepalive))
-        {
+        // The socket is tuned (keepalive, user timeout) only once its HELLO is good: a flood of
+        // garbage connections costs an accept, a read and a close each, not the tuning too.
+        if let Err(e) = sock.set_nonblocking(true) {
             error!("backup {peer}: cannot set up socket: {e}");
             return;
         }
@@ -1710,6 +1757,10 @@ impl SourceListener {
                     node: self.cfg.node.clone(),
                     fence_grace: self.arbiter.as_ref().map_or(Duration::ZERO, |a| a.grace),
                 };
+                if let Err(e) = crate::tune_socket(&c.sock, &self.cfg.keepalive) {
+                    let why = format!("cannot set up the socket: {e}");
+                    return self.conn_input(ops, idx, ConnInput::Failed, why);
+                }
                 let (awaiting, welcome) = hs.welcome(&info);
                 c.hs = Hs::Auth(awaiting);
                 if let Err(e) = self.write_raw(idx, &welcome) {
