@@ -349,7 +349,7 @@ fn a_handoff_replayed_from_an_earlier_session_is_refused() {
     backup.wait_event("vm-started", EVENT_TIMEOUT);
     source.wait_event("handoff-complete", EVENT_TIMEOUT);
     let _ = source.wait_exit(EVENT_TIMEOUT);
-    let recorded = proxy.from_source(HANDOFF);
+    let recorded = proxy.sent_by_source(HANDOFF);
     assert_eq!(recorded.len(), 1, "the proxy saw the handoff");
     let handoff = recorded[0].1.clone();
     drop((source, backup));
@@ -381,7 +381,7 @@ fn read_frame(s: &mut TcpStream) -> Vec<u8> {
 #[test]
 fn a_replayed_handshake_does_not_join() {
     let (source, proxy, _backup, addr) = pair_through_proxy("hsreplay");
-    let b2s = proxy.from_backup();
+    let b2s = proxy.sent_by_backup();
     let hello = b2s.iter().find(|(_, f)| kind(f) == 1).unwrap().1.clone();
     let auth = b2s.iter().find(|(_, f)| kind(f) == 9).unwrap().1.clone();
     let mut s = TcpStream::connect(addr).unwrap();

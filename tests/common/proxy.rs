@@ -109,7 +109,7 @@ impl Proxy {
     }
 
     /// Frames of `kind` the source sent, in order, with their connection number.
-    pub fn from_source(&self, kind_byte: u8) -> Vec<(usize, Vec<u8>)> {
+    pub fn sent_by_source(&self, kind_byte: u8) -> Vec<(usize, Vec<u8>)> {
         let st = self.state.lock().unwrap();
         st.s2b
             .iter()
@@ -119,7 +119,7 @@ impl Proxy {
     }
 
     /// Frames the backup sent, in order, with their connection number.
-    pub fn from_backup(&self) -> Vec<(usize, Vec<u8>)> {
+    pub fn sent_by_backup(&self) -> Vec<(usize, Vec<u8>)> {
         self.state.lock().unwrap().b2s.clone()
     }
 }
