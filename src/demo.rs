@@ -276,11 +276,7 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
             "link armed and authenticated with key {} (pid {bak_pid}): keepalive idle={}s \
              intvl={}s cnt={}, worst-case silent-failure bound {} ms (enforced by the backup's \
              watchdog)",
-            armed["auth"]["key_id"],
-            k["idle_s"],
-            k["interval_s"],
-            k["count"],
-            k["bound_ms"]
+            armed["auth"]["key_id"], k["idle_s"], k["interval_s"], k["count"], k["bound_ms"]
         ),
     );
 

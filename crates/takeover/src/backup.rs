@@ -23,8 +23,8 @@ use crate::link::backup::{self as machine, Action, Input, Link, Outcome, Phase, 
 use crate::link::SocketFailure;
 use crate::mailbox::{offload, Done, Mailbox, Sender};
 use crate::protocol::{
-    validate_node, validate_pair_id, Frame, HandoffStatus, ProtocolError,
-    MAX_HEARTBEAT, MIN_HEARTBEAT,
+    validate_node, validate_pair_id, Frame, HandoffStatus, ProtocolError, MAX_HEARTBEAT,
+    MIN_HEARTBEAT,
 };
 use crate::session::{ArbiterSession, SessionEvent};
 use crate::timer::Timer;
@@ -1286,7 +1286,10 @@ impl BackupMonitor {
     /// runs without keys), since anyone on the path could have sent it.
     fn on_welcome(&mut self, bytes: &[u8]) -> (Input, String) {
         let Some(handshake) = self.handshake.take() else {
-            return (Input::ProtocolError, "handshake frame without a handshake".into());
+            return (
+                Input::ProtocolError,
+                "handshake frame without a handshake".into(),
+            );
         };
         match handshake.on_welcome(bytes) {
             Ok(w) => {

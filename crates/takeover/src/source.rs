@@ -26,10 +26,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::arbiter::{Acquire, ArbiterError};
 use crate::auth::{
     self, AwaitingAuth, Credentials, OsEntropy, Reader, Session, SourceHandshake, WelcomeInfo,
 };
-use crate::arbiter::{Acquire, ArbiterError};
 use crate::hook::{AbortHandle, VmPause};
 use crate::link::source::{
     self as machine, Action, Conn as ConnState, ConnAction, ConnInput, HandoffStatus, Input,
@@ -37,8 +37,8 @@ use crate::link::source::{
 };
 use crate::mailbox::{offload, Done, Mailbox, Sender};
 use crate::protocol::{
-    self, validate_node, validate_pair_id, Frame, ProtocolError, RejectCode,
-    MAX_HEARTBEAT, MIN_HEARTBEAT,
+    self, validate_node, validate_pair_id, Frame, ProtocolError, RejectCode, MAX_HEARTBEAT,
+    MIN_HEARTBEAT,
 };
 use crate::session::{ArbiterSession, SessionEvent};
 use crate::timer::Timer;
@@ -113,8 +113,8 @@ pub struct SourceConfig {
     pub node: String,
     /// Keepalive applied to every accepted backup connection.
     pub keepalive: KeepaliveSpec,
-    /// A backup that has not completed HELLO within this time is dropped; a backup told to go
-    /// (STAND_DOWN, EVICT) that has not closed its side within it is closed.
+    /// A backup that has not completed its handshake (HELLO, then AUTH) within this time is dropped;
+    /// a backup told to go (STAND_DOWN, EVICT) that has not closed its side within it is closed.
     pub handshake_timeout: Duration,
     /// Send HEARTBEAT frames from the event loop at this interval (`None`: keepalive only).
     pub heartbeat: Option<Duration>,
@@ -1454,14 +1454,42 @@ impl SourceListener {
                         e.raw_os_error(),
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     );
-                    // Out of descriptors, a handshake that has not said HELLO yet is the cheapest
-                    // thing to give up: its descriptor goes to the connection that waits.
+                    if resources && self.spare_fd.is_some() {
+                        // Linux takes the descriptor before it looks at the queue: EMFILE does not
+                        // say that anyone waits. The spare descriptor tells.
+                        self.spare_fd = None;
+                        let waiting = self.listener.accept();
+                        match waiting {
+                            Err(w) if w.kind() == io::ErrorKind::WouldBlock => {
+                                self.spare_fd = File::open("/dev/null").ok();
+                                return;
+                            }
+                            Ok((sock, addr)) => {
+                                // Someone waits: the cheapest handshake to give up makes room.
+                                let evicted =
+                                    self.evict_oldest_handshake(ops, "out of descriptors");
+                                if evicted {
+                                    self.spare_fd = File::open("/dev/null").ok();
+                                    let peer = addr.as_socket().unwrap_or(self.local_addr);
+                                    self.admit(ops, sock, peer);
+                                    continue;
+                                }
+                                // Nothing to give up: shed it, and stop polling the listener
+                                // for a while (a level-triggered listener whose accept fails
+                                // would make the loop spin).
+                                drop(sock);
+                                self.spare_fd = File::open("/dev/null").ok();
+                                return self.pause_accept(ops, e);
+                            }
+                            Err(_) => {
+                                self.spare_fd = File::open("/dev/null").ok();
+                                return self.pause_accept(ops, e);
+                            }
+                        }
+                    }
                     if resources && self.evict_oldest_handshake(ops, "out of descriptors") {
                         continue;
                     }
-                    // Otherwise shed the waiting connection with the spare descriptor and stop
-                    // polling the listener for a while: a level-triggered listener whose accept
-                    // fails would make the loop spin.
                     if resources {
                         self.shed_one();
                     }
@@ -1519,11 +1547,14 @@ impl SourceListener {
         }
     }
 
-    /// Refuses the oldest connection still in its handshake; `false` if there is none.
+    /// Refuses a connection still in its handshake, preferring the oldest of those that have not
+    /// said HELLO yet (a backup's HELLO comes at once); `false` if there is none.
     fn evict_oldest_handshake(&mut self, ops: &mut EventOps, why: &str) -> bool {
-        let oldest = self
-            .indices(ConnState::Handshaking)
-            .min_by_key(|&i| self.conns[i].as_ref().map(|c| c.accepted));
+        let oldest = self.indices(ConnState::Handshaking).min_by_key(|&i| {
+            self.conns[i]
+                .as_ref()
+                .map(|c| (!matches!(c.hs, Hs::Hello), c.accepted))
+        });
         match oldest {
             Some(i) => {
                 self.reject(ops, i, RejectCode::Busy, format!("refused: {why}"));
@@ -1549,9 +1580,9 @@ impl SourceListener {
 
     /// Whether `ip` failed too many handshakes this second.
     fn penalized(&self, ip: std::net::IpAddr) -> bool {
-        self.penalty.get(&ip).is_some_and(|(t, n)| {
-            *n >= PENALTY_FAILURES && t.elapsed() < Duration::from_secs(1)
-        })
+        self.penalty
+            .get(&ip)
+            .is_some_and(|(t, n)| *n >= PENALTY_FAILURES && t.elapsed() < Duration::from_secs(1))
     }
 
     fn admit(&mut self, ops: &mut EventOps, sock: Socket, peer: SocketAddr) {
@@ -1733,7 +1764,10 @@ impl SourceListener {
                 };
                 let node = hs.peer_node().to_string();
                 let refusal = if self.state.is_done() || self.state.handing_off() {
-                    Some((RejectCode::Stopping, "the source is stopping or handing off"))
+                    Some((
+                        RejectCode::Stopping,
+                        "the source is stopping or handing off",
+                    ))
                 } else if self.policy.arbitrated == node.is_empty() {
                     // Arbitration guards a pair only when both sides use it: a backup without
                     // it would start its copy on the link's word alone.
