@@ -105,6 +105,8 @@ fn scale_source(n: usize, secs: u64, hb_ms: u64) {
     let j = joined.clone();
     let mut cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "scale");
     cfg.credentials = bench_keys();
+    // All 1,000 backups of this one artificial pair come from 127.0.0.1 at once.
+    cfg.max_pending_per_addr = n;
     cfg.heartbeat = Some(Duration::from_millis(hb_ms));
     let src = SourceListener::new(
         cfg,

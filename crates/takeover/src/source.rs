@@ -390,6 +390,8 @@ struct Conn {
     session: Option<Session>,
     /// The key the backup authenticated with (`None` on an insecure link).
     key_id: Option<u16>,
+    /// Refused for the source's own limits, not for anything it sent: no penalty for its address.
+    blameless: bool,
     state: ConnState,
     /// Handshake deadline, or the deadline for a told backup to close its side.
     deadline: Option<Instant>,
@@ -1277,7 +1279,7 @@ impl SourceListener {
         match (before, next) {
             (ConnState::Handshaking, s) if s != ConnState::Handshaking => {
                 self.handshaking -= 1;
-                if s == ConnState::Closed {
+                if s == ConnState::Closed && !c.blameless {
                     let ip = c.peer.ip();
                     self.note_failure_from(ip);
                 }
@@ -1557,6 +1559,9 @@ impl SourceListener {
         });
         match oldest {
             Some(i) => {
+                if let Some(c) = self.conns[i].as_mut() {
+                    c.blameless = true;
+                }
                 self.reject(ops, i, RejectCode::Busy, format!("refused: {why}"));
                 true
             }
@@ -1654,6 +1659,7 @@ impl SourceListener {
             hs: Hs::Hello,
             session: None,
             key_id: None,
+            blameless: false,
             state: ConnState::Handshaking,
             deadline: Some(now + self.cfg.handshake_timeout),
             accepted: now,
