@@ -90,12 +90,23 @@ fn measure<S: event_manager::MutEventSubscriber>(em: &mut EventManager<S>, secs:
 
 type Sub = Box<dyn event_manager::MutEventSubscriber>;
 
+/// Links are measured as deployed: authenticated, every frame sealed and verified.
+fn bench_keys() -> vmm_takeover_core::auth::Credentials {
+    use vmm_takeover_core::auth::{Credentials, Key, KeyRing};
+    Credentials::Keys(Arc::new(
+        KeyRing::new([Key::new(1, &[0x5a; 32]).unwrap()]).unwrap(),
+    ))
+}
+
 /// Child mode: one source serving `n` backups at `hb_ms` heartbeats; prints its figures as JSON.
 fn scale_source(n: usize, secs: u64, hb_ms: u64) {
     raise_nofile();
     let joined = Arc::new(AtomicUsize::new(0));
     let j = joined.clone();
     let mut cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "scale");
+    cfg.credentials = bench_keys();
+    // All 1,000 backups of this one artificial pair come from 127.0.0.1 at once.
+    cfg.max_pending_per_addr = n;
     cfg.heartbeat = Some(Duration::from_millis(hb_ms));
     let src = SourceListener::new(
         cfg,
@@ -159,6 +170,7 @@ fn scale(n: usize, secs: u64, hb_ms: u64) -> Value {
     for _ in 0..n {
         let (a, t) = (armed.clone(), takeovers.clone());
         let mut cfg = BackupConfig::new(addr, "scale");
+        cfg.credentials = bench_keys();
         // Fewer simultaneous SYNs would be kinder, but the point is one loop holding them all.
         cfg.handshake_timeout = Duration::from_secs(10);
         let m = BackupMonitor::new(

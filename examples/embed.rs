@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_takeover_core::auth::{Credentials, Key, KeyRing};
 use vmm_takeover_core::{
     BackupConfig, BackupMonitor, BackupNotice, HookError, SourceConfig, SourceListener,
     SourceNotice, TakeoverRecord, VmPause,
@@ -40,7 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Source VMM: listen for backups. Its handle is what an API thread keeps: calls through it
     // are carried out on the loop.
-    let cfg = SourceConfig::new("127.0.0.1:0".parse()?, "vm-1");
+    // Both sides hold the pair's key (a key file from `vmm-takeover keygen` in production:
+    // `KeyRing::load`); here a fixed example key.
+    let keys = Credentials::Keys(Arc::new(KeyRing::new([Key::new(1, &[0x42; 32])?])?));
+    let mut cfg = SourceConfig::new("127.0.0.1:0".parse()?, "vm-1");
+    cfg.credentials = keys.clone();
     let handed_off = Arc::new(AtomicBool::new(false));
     let h = handed_off.clone();
     let mut source = SourceListener::new(
@@ -64,8 +69,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let armed = Arc::new(AtomicBool::new(false));
     let a = armed.clone();
+    let mut bcfg = BackupConfig::new(addr, "vm-1");
+    bcfg.credentials = keys;
     let backup = BackupMonitor::new(
-        BackupConfig::new(addr, "vm-1"),
+        bcfg,
         Box::new(hook),
         Box::new(move |n: &BackupNotice| {
             println!("backup: {n:?}");

@@ -17,6 +17,9 @@ if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
 fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
+  rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || true
+fi
+if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "fuzzing needs the nightly toolchain (rustup toolchain install nightly)" >&2
   exit 2
 fi

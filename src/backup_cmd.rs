@@ -29,6 +29,8 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     cfg.keepalive_watchdog = !a.kernel_keepalive_only;
     cfg.hook_timeout = a.hook_timeout;
     cfg.retry_rejected = a.retry_rejected;
+    cfg.credentials = crate::credentials(&a.auth)?;
+    let auth = crate::auth_json(&cfg.credentials, true);
     let (hook, guest) = hooks::start_hook(&a)?;
     let session = open_arbiter(&a.arbiter)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
@@ -78,6 +80,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                         "keepalive": keepalive_json(keepalive.as_ref()),
                         "heartbeat_us": heartbeat.map(us),
                         "deadline_us": deadline.map(us),
+                        "auth": auth,
                     }),
                 );
                 if deadline.is_none() && keepalive.and_then(|k| k.bound()).is_none() {
@@ -91,6 +94,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                     );
                 }
             }
+            BackupNotice::LinkUntrusted { why } => emit("link-untrusted", json!({"why": why})),
             BackupNotice::LinkLost { reason, detail } => emit(
                 "link-lost",
                 json!({"reason": reason.as_str(), "detail": detail}),

@@ -28,6 +28,36 @@ pub enum Command {
     Backup(BackupArgs),
     /// One-command demo on loopback: source and backup with dummy KVM guests, a fault, a timeline.
     Demo(DemoArgs),
+    /// Write a fresh key file for `--psk-file` (mode 0600), or add a key to one (rotation).
+    Keygen(KeygenArgs),
+}
+
+/// `vmm-takeover keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The key file to create (it must not exist), or with `--add` to extend.
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Add a new key (the next id) to an existing file instead: rotation. Install the file on
+    /// every source first, then on the backups (they use the newest key), then remove the old
+    /// key's line everywhere.
+    #[arg(long)]
+    pub add: bool,
+}
+
+/// How the link is authenticated; one of the two is required on both sides.
+#[derive(Debug, Args, Clone)]
+#[group(required = true, multiple = false)]
+pub struct AuthArgs {
+    /// The pre-shared key file (from `vmm-takeover keygen`; not readable by group or others).
+    /// Both sides of a pair need a common key: backups use the file's newest key, sources
+    /// accept every key in it.
+    #[arg(long, value_name = "PATH")]
+    pub psk_file: Option<PathBuf>,
+    /// Run the link without authentication: anyone who reaches it can stand the backup down or
+    /// make it start its copy. For tests on a trusted host only.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
 }
 
 /// The fault the demo injects into the source.
@@ -101,6 +131,14 @@ pub struct SourceArgs {
     pub keepalive: KeepaliveArgs,
     #[command(flatten)]
     pub arbiter: ArbiterArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Most connections still in their handshake (a flood beyond it pushes out the oldest).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_pending: u32,
+    /// Most connections in their handshake from one remote address; more are refused at once.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_pending_per_addr: u32,
     /// TCP_USER_TIMEOUT of the backups' connections: `auto` (= the keepalive bound), `off`
     /// (kernel default, ~15 min with unacknowledged data) or a duration such as `3s`. Lifted
     /// while a backup does not read, so a live but stalled backup is never cut off.
@@ -156,6 +194,8 @@ pub struct BackupArgs {
     pub keepalive: KeepaliveArgs,
     #[command(flatten)]
     pub arbiter: ArbiterArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// In heartbeat mode, take over after this many missed heartbeat intervals (1..=1000).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub heartbeat_misses: u32,

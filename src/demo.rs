@@ -152,6 +152,35 @@ fn counter(v: &Value) -> u64 {
     us(v, "counter")
 }
 
+/// A private directory (0700) for the demo's key file, removed on drop.
+struct KeyDir {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl KeyDir {
+    fn new() -> Result<KeyDir, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!(
+            "vmm-takeover-demo-{}-{}",
+            std::process::id(),
+            unix_us(std::time::SystemTime::now())
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join("demo.psk");
+        Ok(KeyDir { dir, path })
+    }
+}
+
+impl Drop for KeyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs the demo; `Ok` only if the story it told really happened.
 pub fn run(a: DemoArgs) -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
@@ -194,6 +223,14 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
         a.fault.as_str()
     );
 
+    // A throwaway key for this run: the link is authenticated as in production, with nothing
+    // to set up. It lives in a private directory removed when the demo ends.
+    let keys = KeyDir::new()?;
+    let key = keys.path.to_string_lossy().into_owned();
+    let id = vmm_takeover_core::auth::keygen(&keys.path)
+        .map_err(|e| format!("cannot make the demo's throwaway key: {e}"))?;
+    println!("throwaway key {id} written to {key} (both sides use it: --psk-file)\n");
+
     let src_pid = d.start(
         Who::Source,
         &[
@@ -202,6 +239,8 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
             "127.0.0.1:0",
             "--pair-id",
             "demo",
+            "--psk-file",
+            &key,
             "--vm",
             kind,
         ],
@@ -222,6 +261,8 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
             &addr,
             "--pair-id",
             "demo",
+            "--psk-file",
+            &key,
             "--vm",
             kind,
         ],
@@ -232,9 +273,10 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
         us(&armed, "at_unix_us"),
         "backup",
         &format!(
-            "link armed (pid {bak_pid}): keepalive idle={}s intvl={}s cnt={}, worst-case \
-             silent-failure bound {} ms (enforced by the backup's watchdog)",
-            k["idle_s"], k["interval_s"], k["count"], k["bound_ms"]
+            "link armed and authenticated with key {} (pid {bak_pid}): keepalive idle={}s \
+             intvl={}s cnt={}, worst-case silent-failure bound {} ms (enforced by the backup's \
+             watchdog)",
+            armed["auth"]["key_id"], k["idle_s"], k["interval_s"], k["count"], k["bound_ms"]
         ),
     );
 

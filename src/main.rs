@@ -99,6 +99,7 @@ fn main() -> ExitCode {
         Command::Source(a) => source_cmd::run(a),
         Command::Backup(a) => backup_cmd::run(a),
         Command::Demo(a) => demo::run(a).map(|()| exit::OK).map_err(Failure::runtime),
+        Command::Keygen(a) => keygen(a),
     };
     let code = match r {
         Ok(code) => code,
@@ -110,6 +111,61 @@ fn main() -> ExitCode {
     };
     output::flush(output::EXIT_FLUSH);
     ExitCode::from(code)
+}
+
+/// `vmm-takeover keygen`: a new key file, or one more key in one.
+fn keygen(a: cli::KeygenArgs) -> Result<u8, Failure> {
+    use vmm_takeover_core::auth;
+    let r = if a.add {
+        auth::keygen_add(&a.path)
+    } else {
+        auth::keygen(&a.path)
+    };
+    let id = r.map_err(|e| Failure {
+        code: exit::USAGE,
+        message: e.to_string(),
+    })?;
+    events::emit(
+        "key-written",
+        json!({"path": a.path.display().to_string(), "key_id": id, "added": a.add}),
+    );
+    Ok(exit::OK)
+}
+
+/// The link's credentials from `--psk-file` / `--insecure-no-auth` (a bad key file: exit 2).
+fn credentials(a: &cli::AuthArgs) -> Result<vmm_takeover_core::auth::Credentials, Failure> {
+    use vmm_takeover_core::auth::{Credentials, KeyRing};
+    match &a.psk_file {
+        Some(path) => {
+            let ring = KeyRing::load(path).map_err(|e| Failure {
+                code: exit::USAGE,
+                message: e.to_string(),
+            })?;
+            Ok(Credentials::Keys(Arc::new(ring)))
+        }
+        None => {
+            log::warn!(
+                "--insecure-no-auth: the heartbeat link is not authenticated; anyone who reaches \
+                 it can stand the backup down or make it start its copy"
+            );
+            Ok(Credentials::Insecure)
+        }
+    }
+}
+
+/// How the link is authenticated, for the `listening` and `armed` events: the key ids (never
+/// the keys), or `null` for `--insecure-no-auth`.
+/// A source accepts every key of its file (`key_ids`); a backup uses the newest (`key_id`).
+fn auth_json(c: &vmm_takeover_core::auth::Credentials, backup: bool) -> Value {
+    match c {
+        vmm_takeover_core::auth::Credentials::Keys(ring) if backup => {
+            json!({"mode": "psk", "key_id": ring.newest().id()})
+        }
+        vmm_takeover_core::auth::Credentials::Keys(ring) => {
+            json!({"mode": "psk", "key_ids": ring.ids().collect::<Vec<_>>()})
+        }
+        vmm_takeover_core::auth::Credentials::Insecure => json!({"mode": "none"}),
+    }
 }
 
 /// The exit code an observer asks for. Shared with the observers, which must be `Send`.

@@ -35,6 +35,10 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     cfg.heartbeat = a.heartbeat;
     cfg.pause_timeout = a.hook_timeout;
     cfg.handoff_timeout = a.handoff_timeout;
+    cfg.credentials = crate::credentials(&a.auth)?;
+    let auth = crate::auth_json(&cfg.credentials, false);
+    cfg.max_pending = a.max_pending as usize;
+    cfg.max_pending_per_addr = a.max_pending_per_addr as usize;
     let detection_off = !cfg.keepalive.enabled && cfg.heartbeat.is_none();
     let (pause, guest) = hooks::pause_hook(&a)?;
     // With an arbiter the pair is ours before the guest runs: a source that finds it owned by a
@@ -104,10 +108,11 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                 peer,
                 keepalive,
                 node,
+                key_id,
             } => emit(
                 "backup-joined",
                 json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
-                       "node": node}),
+                       "node": node, "key_id": key_id}),
             ),
             SourceNotice::BackupLost { peer, why } => {
                 emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
@@ -220,7 +225,8 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
                "heartbeat_us": a.heartbeat.map(us),
                "keepalive": keepalive_json(Some(&a.keepalive.keepalive
                    .with_user_timeout(a.user_timeout)
-                   .resolve(&SystemDefaults::read_or_linux())))}),
+                   .resolve(&SystemDefaults::read_or_linux()))),
+               "auth": auth}),
     );
     if detection_off {
         let message = "keepalive is off and no --heartbeat is set: backups can only see this \

@@ -9,7 +9,7 @@ use std::process::Command;
 use common::*;
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(bin()).args(args).output().unwrap();
+    let out = Command::new(bin()).args(with_auth(args)).output().unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -307,7 +307,13 @@ fn an_unresolvable_name_or_a_missing_port_exits_2_naming_value_and_form() {
 #[test]
 fn a_bad_output_backlog_exits_2_naming_what_is_allowed() {
     let out = Command::new(bin())
-        .args(["source", "--listen", "127.0.0.1:0", "--pair-id", "a"])
+        .args(with_auth(&[
+            "source",
+            "--listen",
+            "127.0.0.1:0",
+            "--pair-id",
+            "a",
+        ]))
         .env("VMM_TAKEOVER_OUTPUT_BACKLOG", "lots")
         .output()
         .unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use vmm_takeover_core::protocol::Frame;
+use vmm_takeover_core::auth::WelcomeInfo;
 
 #[test]
 fn sigstopped_source_is_taken_over_with_heartbeat_timeout() {
@@ -49,9 +49,11 @@ fn sigstopped_source_is_taken_over_with_heartbeat_timeout() {
     source.signal(libc::SIGCONT);
 }
 
-/// A scripted source that welcomes with `interval` and sends heartbeats every `every` until told
-/// to stop; then holds the connection open in silence.
+/// A scripted source for `pair` that welcomes with `interval` and sends heartbeats every `every`
+/// until told to stop; then holds the connection open in silence. It speaks version 2 with the
+/// test key: the backup authenticates it, and every heartbeat is sealed.
 fn scripted_source(
+    pair: &'static str,
     interval: Duration,
     every: Duration,
     beats: usize,
@@ -62,23 +64,20 @@ fn scripted_source(
     let d = done.clone();
     let h = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let mut buf = [0u8; 128];
-        let _ = s.read(&mut buf);
-        s.write_all(
-            &Frame::Welcome {
-                fence_grace: Duration::ZERO,
-                node: String::new(),
-                heartbeat: Some(interval),
-            }
-            .encode(),
-        )
-        .unwrap();
-        for seq in 0..beats as u64 {
+        let info = WelcomeInfo {
+            fence_grace: Duration::ZERO,
+            node: String::new(),
+            heartbeat: Some(interval),
+        };
+        let (mut session, _) = fake_source_handshake(&mut s, pair, &info);
+        for tick in 0..beats as u64 {
             std::thread::sleep(every);
-            s.write_all(&Frame::Heartbeat { seq }.encode()).unwrap();
+            s.write_all(&session.seal_heartbeat(tick)).unwrap();
         }
         d.store(true, Ordering::SeqCst);
         // Keep the socket open (no FIN) until the backup gives up on it.
+        let mut buf = [0u8; 128];
+        s.set_read_timeout(None).unwrap();
         let _ = s.read(&mut buf);
     });
     (addr, done, h)
@@ -88,8 +87,12 @@ fn scripted_source(
 fn late_heartbeats_within_the_deadline_do_not_take_over() {
     // Announced 100 ms × 3 misses = 300 ms deadline; sent every 200 ms: each one is late by a
     // whole interval, yet within the deadline with 100 ms to spare.
-    let (addr, done, server) =
-        scripted_source(Duration::from_millis(100), Duration::from_millis(200), 10);
+    let (addr, done, server) = scripted_source(
+        "vm-late",
+        Duration::from_millis(100),
+        Duration::from_millis(200),
+        10,
+    );
     let backup = start_backup("backup", &addr, "vm-late", &[]);
     backup.wait_event("armed", EVENT_TIMEOUT);
     // While late heartbeats flow, no takeover; once they stop, the deadline takes over.

@@ -5,12 +5,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vmm_takeover_core::protocol::Frame;
+use socket2::{Domain, SockAddr, Socket, Type};
+use vmm_takeover_core::auth::{BackupHandshake, OsEntropy, Reader};
 
 /// The source's descriptor limit: a few dozen above what it needs for itself.
 const NOFILE: u64 = 64;
@@ -119,8 +120,82 @@ fn room_for(n: usize) -> bool {
     ok
 }
 
+/// Connection `i` of a flood, each from a loopback address of its own (127.0.1.2 and up): a
+/// flood from many hosts. From one address the source takes at most `--max-pending-per-addr`
+/// (8) handshakes at a time and refuses the rest at once, so a flood from one address never
+/// reaches its descriptor limit (`tests/auth.rs` covers that case).
 fn connect(addr: &str, i: usize) -> TcpStream {
-    TcpStream::connect(addr).unwrap_or_else(|e| panic!("connection {i}: {e}"))
+    let from = SocketAddr::from(([127, 0, 1 + (i / 250) as u8, 2 + (i % 250) as u8], 0));
+    let to: SocketAddr = addr.parse().unwrap();
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SockAddr::from(from))
+        .and_then(|()| s.connect(&SockAddr::from(to)))
+        .unwrap_or_else(|e| panic!("connection {i} from {from}: {e}"));
+    s.into()
+}
+
+/// The source's first answer to a HELLO on `s`: `None` if none comes within `wait` (the
+/// connection waits in its accept queue) or the connection ends first (shed from that queue).
+fn answer(s: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut reader = Reader::new();
+    let mut buf = [0u8; 512];
+    loop {
+        if let Some(frame) = reader.next_handshake().unwrap() {
+            return Some(frame);
+        }
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => reader.push(&buf[..n]),
+            _ => return None,
+        }
+    }
+}
+
+/// `n` clients (from [`connect`]) for `pair` that hold their connections open and read nothing.
+/// They join as backups would (the whole version 2 handshake, with the test key), one after the
+/// other (each once `source` reports it joined), until the source has no descriptor left for the
+/// next; the rest send their HELLO and wait in its accept queue. (A holder whose AUTH the source
+/// has not read yet is still a pending handshake, which the source gives up for a newcomer when
+/// it is out of descriptors; all at once, they would push each other out through the queue.)
+fn holders(source: &Proc, addr: &str, pair: &str, n: usize) -> Vec<TcpStream> {
+    let creds = test_credentials();
+    let mut rng = OsEntropy::new().unwrap();
+    let mut full = false;
+    let mut joined = 0;
+    let holders = (0..n)
+        .map(|i| {
+            let mut s = connect(addr, i);
+            let (hs, hello) = BackupHandshake::start(&creds, pair, "", &mut rng);
+            s.write_all(&hello).unwrap();
+            if !full {
+                match answer(&mut s, Duration::from_millis(500)).map(|a| hs.on_welcome(&a)) {
+                    Some(Ok(w)) => {
+                        s.write_all(&w.auth).unwrap();
+                        if source
+                            .try_wait_event("backup-joined", Duration::from_secs(2))
+                            .is_none()
+                        {
+                            let me = s.local_addr().unwrap().to_string();
+                            let refused = source.all_events().into_iter().find(|v| {
+                                v["event"] == "backup-rejected" && v["peer"] == me.as_str()
+                            });
+                            panic!(
+                                "holder {i} ({me}) was welcomed but did not join, while no other \
+                                 client was connecting: {refused:?}; {:?}",
+                                tally(source)
+                            );
+                        }
+                        joined += 1;
+                    }
+                    Some(Err(e)) => panic!("holder {i}: {e}"),
+                    None => full = true,
+                }
+            }
+            s
+        })
+        .collect();
+    println!("{joined} holders joined");
+    holders
 }
 
 /// A flood of idle connections (no HELLO) takes every descriptor the source has: it must give up
@@ -196,20 +271,8 @@ fn out_of_descriptors_with_nothing_to_evict_pauses_accept_and_reports_it() {
     source.wait_event("backup-joined", EVENT_TIMEOUT);
 
     let cpu = CpuMeter::start(source.pid());
-    // Clients that say HELLO: each joins and keeps its descriptor; the rest find none.
-    let hello = Frame::Hello {
-        pair_id: "vm-fd2".into(),
-        node: String::new(),
-        auth_tag: vec![],
-    }
-    .encode();
-    let holders: Vec<TcpStream> = (0..FLOOD)
-        .map(|i| {
-            let mut s = connect(&addr, i);
-            s.write_all(&hello).unwrap();
-            s
-        })
-        .collect();
+    // Clients that join: each keeps its descriptor; the rest find none.
+    let holders = holders(&source, &addr, "vm-fd2", FLOOD);
 
     // Measured first, so that a spinning loop shows as such whatever else fails.
     let share = cpu.share_over(CPU_WINDOW, "with every descriptor held by a joined client");

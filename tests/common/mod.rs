@@ -29,6 +29,40 @@ pub fn bin() -> PathBuf {
     dir.join("vmm-takeover")
 }
 
+/// The key file every test's source and backup share unless a test says otherwise: written
+/// once per test process by `vmm-takeover keygen` (so keygen itself runs in every test run).
+pub fn test_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join(format!("test-{}.psk", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let out = Command::new(bin())
+            .arg("keygen")
+            .arg(&path)
+            .output()
+            .expect("run vmm-takeover keygen");
+        assert!(out.status.success(), "keygen failed: {out:?}");
+        path.to_string_lossy().into_owned()
+    })
+}
+
+/// `args` with `--psk-file <test key>` added after a `source`/`backup` subcommand that says
+/// nothing about authentication.
+pub fn with_auth(args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    if matches!(args.first(), Some(&"source") | Some(&"backup"))
+        && !args
+            .iter()
+            .take_while(|a| **a != "--")
+            .any(|a| *a == "--psk-file" || *a == "--insecure-no-auth")
+    {
+        v.insert(1, test_key().to_string());
+        v.insert(1, "--psk-file".to_string());
+    }
+    v
+}
+
 /// Now, in microseconds since the epoch (the clock the events use).
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -221,7 +255,7 @@ impl Proc {
             c
         };
         let (out_rd, out_wr, out_size) = make_pipe(opts.pipe_size);
-        cmd.args(args)
+        cmd.args(with_auth(args))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out_wr));
         let mut err_rd = None;
@@ -579,4 +613,134 @@ pub fn armed_pair(
     backup.wait_event("armed", EVENT_TIMEOUT);
     source.wait_event("backup-joined", EVENT_TIMEOUT);
     (source, backup, addr)
+}
+
+// Version 2 peers played by the tests themselves: fake sources and fake backups that speak the
+// authenticated protocol with the key in `test_key()`, to send what a real peer never would.
+
+/// The credentials in [`test_key`], as the processes the tests start load them.
+pub fn test_credentials() -> vmm_takeover_core::auth::Credentials {
+    let ring = vmm_takeover_core::auth::KeyRing::load(std::path::Path::new(test_key()))
+        .expect("load the test key");
+    vmm_takeover_core::auth::Credentials::Keys(Arc::new(ring))
+}
+
+/// Reads from `s` (blocking; `EVENT_TIMEOUT` unless it has a read timeout) until `reader` holds a
+/// whole handshake frame (HELLO, WELCOME, AUTH or REJECT), and returns it. Panics on EOF, a read
+/// error or bytes that are no handshake frame.
+pub fn read_handshake(
+    s: &mut std::net::TcpStream,
+    reader: &mut vmm_takeover_core::auth::Reader,
+) -> Vec<u8> {
+    use std::io::Read;
+    if s.read_timeout().unwrap().is_none() {
+        s.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+    }
+    let mut buf = [0u8; 512];
+    loop {
+        match reader.next_handshake() {
+            Ok(Some(frame)) => return frame,
+            Ok(None) => {}
+            Err(e) => panic!("not a handshake frame: {e}"),
+        }
+        match s.read(&mut buf) {
+            Ok(0) => panic!("the peer closed during the handshake"),
+            Ok(n) => reader.push(&buf[..n]),
+            Err(e) => panic!("reading a handshake frame: {e}"),
+        }
+    }
+}
+
+/// A fake backup's handshake on `s` for `pair`, with the test key: sends the HELLO, reads the
+/// answer and, if it is a WELCOME that verifies, sends the AUTH. Returns the session and the
+/// reader (which may already hold sealed frames), or why the source's answer failed.
+pub fn fake_backup_handshake(
+    s: &mut std::net::TcpStream,
+    pair: &str,
+) -> Result<
+    (
+        vmm_takeover_core::auth::Session,
+        vmm_takeover_core::auth::Reader,
+    ),
+    vmm_takeover_core::auth::HandshakeFailure,
+> {
+    use std::io::Write;
+    use vmm_takeover_core::auth::{BackupHandshake, OsEntropy, Reader};
+    let (hs, hello) = BackupHandshake::start(
+        &test_credentials(),
+        pair,
+        "",
+        &mut OsEntropy::new().unwrap(),
+    );
+    s.write_all(&hello).unwrap();
+    let mut reader = Reader::new();
+    let answer = read_handshake(s, &mut reader);
+    let w = hs.on_welcome(&answer)?;
+    s.write_all(&w.auth).unwrap();
+    Ok((w.session, reader))
+}
+
+/// A fake source's first step on `s` for `pair`, with the test key: reads the HELLO (into
+/// `reader`, which the connection keeps) and returns the handshake, for the test to answer with
+/// [`SourceHandshake::welcome`](vmm_takeover_core::auth::SourceHandshake::welcome) or
+/// [`SourceHandshake::reject`](vmm_takeover_core::auth::SourceHandshake::reject).
+pub fn fake_source_hello(
+    s: &mut std::net::TcpStream,
+    pair: &str,
+    reader: &mut vmm_takeover_core::auth::Reader,
+) -> vmm_takeover_core::auth::SourceHandshake {
+    use vmm_takeover_core::auth::{OsEntropy, SourceHandshake};
+    let hello = read_handshake(s, reader);
+    SourceHandshake::on_hello(
+        &test_credentials(),
+        pair,
+        &hello,
+        &mut OsEntropy::new().unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("not a HELLO this source accepts: {e}"))
+}
+
+/// A fake source's whole handshake on `s` for `pair`, with the test key: reads the HELLO,
+/// answers a WELCOME announcing `info`, and checks the backup's AUTH. Returns the session and the
+/// reader. Panics if the backup does not authenticate.
+pub fn fake_source_handshake(
+    s: &mut std::net::TcpStream,
+    pair: &str,
+    info: &vmm_takeover_core::auth::WelcomeInfo,
+) -> (
+    vmm_takeover_core::auth::Session,
+    vmm_takeover_core::auth::Reader,
+) {
+    use std::io::Write;
+    let mut reader = vmm_takeover_core::auth::Reader::new();
+    let (awaiting, welcome) = fake_source_hello(s, pair, &mut reader).welcome(info);
+    s.write_all(&welcome).unwrap();
+    let auth = read_handshake(s, &mut reader);
+    let accepted = awaiting
+        .on_auth(&auth)
+        .unwrap_or_else(|e| panic!("the backup's AUTH: {e}"));
+    (accepted.session, reader)
+}
+
+/// The code and text of the version 2 REJECT that `answer` starts with, decoded as a backup
+/// decodes it (through its handshake; whether its tag verifies does not matter here). Panics on
+/// anything but a version 2 REJECT.
+pub fn reject_of(answer: &[u8]) -> (vmm_takeover_core::protocol::RejectCode, String) {
+    use vmm_takeover_core::auth::{BackupHandshake, HandshakeFailure, OsEntropy, Reader};
+    let mut reader = Reader::new();
+    reader.push(answer);
+    let frame = match reader.next_handshake() {
+        Ok(Some(frame)) => frame,
+        other => panic!("expected a version 2 REJECT, got {other:?} from {answer:02x?}"),
+    };
+    let (hs, _) = BackupHandshake::start(
+        &test_credentials(),
+        "reject-of",
+        "",
+        &mut OsEntropy::new().unwrap(),
+    );
+    match hs.on_welcome(&frame) {
+        Err(HandshakeFailure::Rejected { code, reason, .. }) => (code, reason),
+        other => panic!("expected a REJECT, got {other:?} from {answer:02x?}"),
+    }
 }

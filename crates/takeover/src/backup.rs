@@ -17,13 +17,14 @@ use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec, SystemDefaults, UserTimeo
 use vmm_sys_util::epoll::EventSet;
 
 use crate::arbiter::{Acquire, ArbiterError};
+use crate::auth::{BackupHandshake, Credentials, HandshakeFailure, OsEntropy, Reader, Session};
 use crate::hook::{AbortHandle, TakeoverReason, TakeoverRecord, VmStart};
 use crate::link::backup::{self as machine, Action, Input, Link, Outcome, Phase, Policy, State};
 use crate::link::SocketFailure;
 use crate::mailbox::{offload, Done, Mailbox, Sender};
 use crate::protocol::{
-    validate_node, validate_pair_id, Frame, FrameReader, HandoffStatus, ProtocolError,
-    MAX_HEARTBEAT, MIN_HEARTBEAT,
+    validate_node, validate_pair_id, Frame, HandoffStatus, ProtocolError, MAX_HEARTBEAT,
+    MIN_HEARTBEAT,
 };
 use crate::session::{ArbiterSession, SessionEvent};
 use crate::timer::Timer;
@@ -77,6 +78,9 @@ pub struct BackupConfig {
     pub retry_rejected: bool,
     /// `SO_RCVBUF` of the link's socket; `None` leaves the kernel's autotuning.
     pub recv_buffer: Option<usize>,
+    /// The key this backup proves it holds (`--psk-file`), or [`Credentials::Insecure`]
+    /// (`--insecure-no-auth`, the library's default: say so loudly where it is chosen).
+    pub credentials: Credentials,
 }
 
 impl BackupConfig {
@@ -99,6 +103,7 @@ impl BackupConfig {
             stop_timeout: Duration::from_secs(3),
             retry_rejected: false,
             recv_buffer: None,
+            credentials: Credentials::Insecure,
         }
     }
 
@@ -196,6 +201,13 @@ pub enum BackupNotice<'a> {
         reason: TakeoverReason,
         /// What exactly was seen.
         detail: &'a str,
+    },
+    /// The armed link carried something that cannot be trusted (a frame that fails
+    /// authentication, a replay, a gap in the sequence numbers, garbage): it is dropped and
+    /// dialled again. Never a verdict on the source: at most it delays protection.
+    LinkUntrusted {
+        /// What was wrong.
+        why: &'a str,
     },
     /// With an arbiter: the pair is not granted yet. Rate-limited (at most one a second).
     ArbitrationWait {
@@ -340,7 +352,14 @@ pub struct BackupMonitor {
     policy: Policy,
     state: State,
     sock: Option<Socket>,
-    reader: FrameReader,
+    reader: Reader,
+    /// The handshake under way (HELLO sent, WELCOME awaited).
+    handshake: Option<BackupHandshake>,
+    /// Seals and opens the armed link's frames.
+    session: Option<Session>,
+    entropy: OsEntropy,
+    /// A link armed at least once: an unauthenticated refusal after that is never permanent.
+    ever_armed: bool,
     /// One timer; its meaning follows the state (see `docs/state-machines.md`): backoff,
     /// handshake deadline, heartbeat deadline and keepalive watchdog, hook deadline, stop deadline.
     timer: Timer,
@@ -402,13 +421,25 @@ impl BackupMonitor {
         observer: BackupObserver,
     ) -> Result<Self, Error> {
         cfg.validate()?;
+        let entropy = OsEntropy::new().map_err(Error::Resource)?;
+        if !cfg.credentials.is_keyed() {
+            warn!(
+                "pair {}: the heartbeat link is NOT authenticated (no key): anyone on the path \
+                 can speak for the source",
+                cfg.pair_id
+            );
+        }
         Ok(BackupMonitor {
+            handshake: None,
+            session: None,
+            entropy,
+            ever_armed: false,
             backoff: cfg.backoff_min,
             policy: Policy::default(),
             cfg,
             state: State::INITIAL,
             sock: None,
-            reader: FrameReader::new(),
+            reader: Reader::new(),
             timer: Timer::new().map_err(Error::Resource)?,
             mailbox: Mailbox::new().map_err(Error::Resource)?,
             hook: Some(hook),
@@ -508,6 +539,10 @@ impl BackupMonitor {
         if next != before {
             debug!("backup {before:?} + {input:?} -> {next:?} ({detail})");
         }
+        if before.link == Link::Up && input == Input::ProtocolError {
+            warn!("dropping the link to {}: {detail}", self.cfg.connect);
+            (self.observer)(&BackupNotice::LinkUntrusted { why: detail });
+        }
         self.state = next;
         for a in actions.iter() {
             self.act(ops, a, detail);
@@ -573,7 +608,7 @@ impl BackupMonitor {
         }
     }
 
-    fn send_arbiter_status(&self) {
+    fn send_arbiter_status(&mut self) {
         if let (Some(a), true) = (self.arbiter.as_ref(), self.state.link == Link::Up) {
             self.send(&Frame::ArbiterStatus {
                 reachable: a.reachable,
@@ -811,7 +846,9 @@ impl BackupMonitor {
             // Deregister before close so that a recycled fd number never meets a stale entry.
             let _ = ops.remove(Events::empty(&sock));
         }
-        self.reader = FrameReader::new();
+        self.reader = Reader::new();
+        self.handshake = None;
+        self.session = None;
     }
 
     fn redial(&mut self, ops: &mut EventOps, why: &str) {
@@ -852,6 +889,7 @@ impl BackupMonitor {
         self.attempt = 0;
         self.retries = RetryReports::default();
         self.armed_at = Some(SystemTime::now());
+        self.ever_armed = true;
         // What the kernel applies, with the count the watchdog enforces (the kernel's own is
         // raised out of the way: see `BackupConfig::link_keepalive`).
         let configured = self
@@ -1021,13 +1059,13 @@ impl BackupMonitor {
         }
     }
 
-    /// Writes one small frame; the link is otherwise idle on this side, so it goes through whole
-    /// or not at all.
-    fn send(&self, frame: &Frame) {
-        let Some(sock) = self.sock.as_ref() else {
+    /// Writes one small sealed frame; the link is otherwise idle on this side, so it goes
+    /// through whole or not at all.
+    fn send(&mut self, frame: &Frame) {
+        let (Some(sock), Some(session)) = (self.sock.as_ref(), self.session.as_mut()) else {
             return;
         };
-        let bytes = frame.encode();
+        let bytes = session.seal(frame);
         match (&*sock).write(&bytes) {
             Ok(n) if n == bytes.len() => {}
             Ok(n) => warn!("{frame}: short write {n} of {}", bytes.len()),
@@ -1051,12 +1089,13 @@ impl BackupMonitor {
                     return self.feed(ops, Input::Failed(f), &format!("connect: {e}"));
                 }
             }
-            let hello = Frame::Hello {
-                pair_id: self.cfg.pair_id.clone(),
-                node: self.cfg.node.clone(),
-                auth_tag: Vec::new(),
-            }
-            .encode();
+            let (handshake, hello) = BackupHandshake::start(
+                &self.cfg.credentials,
+                &self.cfg.pair_id,
+                &self.cfg.node,
+                &mut self.entropy,
+            );
+            self.handshake = Some(handshake);
             match (&*sock).write(&hello) {
                 Ok(n) if n == hello.len() => self.hello_sent = true,
                 Ok(n) => {
@@ -1101,7 +1140,27 @@ impl BackupMonitor {
                     self.reader.push(&buf[..n]);
                     let drained = n < buf.len();
                     loop {
-                        match self.reader.next_frame() {
+                        if self.state.link == Link::Handshaking {
+                            match self.reader.next_handshake() {
+                                Ok(Some(bytes)) => {
+                                    let (input, why) = self.on_welcome(&bytes);
+                                    self.feed(ops, input, &why);
+                                }
+                                Ok(None) => break,
+                                Err(e) => {
+                                    let (input, why) = self.decode_error_input(&e);
+                                    return self.feed(ops, input, &why);
+                                }
+                            }
+                            if self.sock.is_none() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let Some(session) = self.session.as_mut() else {
+                            break;
+                        };
+                        match self.reader.next_frame(session) {
                             Ok(Some(Frame::ArbiterCheck)) if self.state.link == Link::Up => {
                                 self.on_arbiter_check();
                             }
@@ -1222,24 +1281,106 @@ impl BackupMonitor {
         }
     }
 
-    /// Bytes the decoder refused. A source speaking another version is a permanent refusal.
-    fn decode_error_input(&self, e: &ProtocolError) -> (Input, String) {
-        error!("protocol error from {}: {e}", self.cfg.connect);
-        match e {
-            ProtocolError::BadVersion(v) if self.state.link == Link::Handshaking => {
-                let why = format!(
-                    "the source speaks protocol version {v}, this backup {}",
-                    crate::protocol::VERSION
-                );
-                let input = if self.cfg.retry_rejected {
-                    Input::RejectedTransient
-                } else {
-                    Input::RejectedPermanent
+    /// The source's answer to our HELLO: a WELCOME that verifies arms the link (after our AUTH
+    /// went out); a REJECT counts as the source's word only if it is authenticated (or the link
+    /// runs without keys), since anyone on the path could have sent it.
+    fn on_welcome(&mut self, bytes: &[u8]) -> (Input, String) {
+        let Some(handshake) = self.handshake.take() else {
+            return (
+                Input::ProtocolError,
+                "handshake frame without a handshake".into(),
+            );
+        };
+        match handshake.on_welcome(bytes) {
+            Ok(w) => {
+                let welcome = Frame::Welcome {
+                    heartbeat: w.welcome.heartbeat,
+                    node: w.welcome.node,
+                    fence_grace: w.welcome.fence_grace,
                 };
+                let (input, why) = self.frame_input(welcome);
+                let why = why.unwrap_or_default();
+                if input != Input::Welcomed {
+                    // Refused by us: close without the AUTH.
+                    return (input, why);
+                }
+                let Some(sock) = self.sock.as_ref() else {
+                    return (Input::Failed(SocketFailure::Other), "no socket".into());
+                };
+                match sock.send(&w.auth) {
+                    Ok(n) if n == w.auth.len() => {}
+                    Ok(n) => {
+                        let why = format!("short AUTH write ({n} of {} bytes)", w.auth.len());
+                        return (Input::Failed(SocketFailure::Other), why);
+                    }
+                    Err(e) => {
+                        let f = SocketFailure::from_errno(e.raw_os_error().unwrap_or(0));
+                        return (Input::Failed(f), format!("send AUTH: {e}"));
+                    }
+                }
+                self.session = Some(w.session);
                 (input, why)
             }
-            _ => (Input::ProtocolError, e.to_string()),
+            Err(HandshakeFailure::Rejected {
+                code,
+                reason,
+                authenticated,
+            }) => {
+                if authenticated || !self.cfg.credentials.is_keyed() {
+                    let (input, why) = self.frame_input(Frame::Reject { code, reason });
+                    return (input, why.unwrap_or_default());
+                }
+                // Anyone on the path could have sent it: never a missed STAND_DOWN, and final only
+                // before this backup ever armed (a misconfiguration the operator must see, such
+                // as a source without keys), never once it has.
+                if code.is_permanent() && !self.ever_armed && !self.cfg.retry_rejected {
+                    let why = format!(
+                        "rejected by the source ({}, unauthenticated): {reason}",
+                        code.as_str()
+                    );
+                    warn!("{why}");
+                    return (Input::RejectedPermanent, why);
+                }
+                let why = format!(
+                    "unauthenticated REJECT ({}: {reason}): taken as a transient refusal, since \
+                     anyone on the path could have sent it",
+                    code.as_str()
+                );
+                warn!("{why}");
+                (Input::RejectedTransient, why)
+            }
+            Err(HandshakeFailure::Protocol(e)) => self.decode_error_input(&e),
         }
+    }
+
+    /// Bytes the decoder refused, or a handshake that cannot succeed. A source speaking another
+    /// version, or holding another key (or none where we have one, or the reverse), is a
+    /// permanent refusal before this backup ever armed (the operator must fix it); after that,
+    /// when an attacker could be the cause, it is retried.
+    fn decode_error_input(&self, e: &ProtocolError) -> (Input, String) {
+        error!("protocol error from {}: {e}", self.cfg.connect);
+        let handshaking = self.state.link == Link::Handshaking;
+        let why = match e {
+            ProtocolError::BadVersion(v) | ProtocolError::PeerVersion { got: v } if handshaking => {
+                format!(
+                    "the source speaks protocol version {v}, this backup {}",
+                    crate::auth::VERSION
+                )
+            }
+            ProtocolError::WelcomeNotAuthentic { .. } | ProtocolError::AuthMode(_)
+                if handshaking =>
+            {
+                e.to_string()
+            }
+            _ => return (Input::ProtocolError, e.to_string()),
+        };
+        let permanent = !self.ever_armed && !self.cfg.retry_rejected;
+        let input = if permanent {
+            Input::RejectedPermanent
+        } else {
+            Input::RejectedTransient
+        };
+        (input, why)
     }
 
     fn on_timer(&mut self, ops: &mut EventOps) {

@@ -27,6 +27,9 @@ use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::arbiter::{Acquire, ArbiterError};
+use crate::auth::{
+    self, AwaitingAuth, Credentials, OsEntropy, Reader, Session, SourceHandshake, WelcomeInfo,
+};
 use crate::hook::{AbortHandle, VmPause};
 use crate::link::source::{
     self as machine, Action, Conn as ConnState, ConnAction, ConnInput, HandoffStatus, Input,
@@ -34,8 +37,8 @@ use crate::link::source::{
 };
 use crate::mailbox::{offload, Done, Mailbox, Sender};
 use crate::protocol::{
-    self, validate_node, validate_pair_id, Frame, FrameReader, ProtocolError, RejectCode,
-    MAX_HEARTBEAT, MIN_HEARTBEAT,
+    self, validate_node, validate_pair_id, Frame, ProtocolError, RejectCode, MAX_HEARTBEAT,
+    MIN_HEARTBEAT,
 };
 use crate::session::{ArbiterSession, SessionEvent};
 use crate::timer::Timer;
@@ -55,6 +58,11 @@ const TOKEN_CONN_BASE: u32 = 16;
 pub const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Reports of rejected connections per second, at most.
 pub const REJECT_REPORTS_PER_SECOND: u32 = 10;
+
+/// Failed handshakes from one address within a second after which its new connections are
+/// closed at once, for the rest of that second. A real backup never fails its handshake; a
+/// flood of garbage from one host then costs an accept and a close per connection.
+pub const PENALTY_FAILURES: u32 = 16;
 
 /// At most [`REJECT_REPORTS_PER_SECOND`] reports a second; the others are counted and the count
 /// goes with the next report.
@@ -105,8 +113,8 @@ pub struct SourceConfig {
     pub node: String,
     /// Keepalive applied to every accepted backup connection.
     pub keepalive: KeepaliveSpec,
-    /// A backup that has not completed HELLO within this time is dropped; a backup told to go
-    /// (STAND_DOWN, EVICT) that has not closed its side within it is closed.
+    /// A backup that has not completed its handshake (HELLO, then AUTH) within this time is dropped;
+    /// a backup told to go (STAND_DOWN, EVICT) that has not closed its side within it is closed.
     pub handshake_timeout: Duration,
     /// Send HEARTBEAT frames from the event loop at this interval (`None`: keepalive only).
     pub heartbeat: Option<Duration>,
@@ -115,6 +123,12 @@ pub struct SourceConfig {
     /// Most connections still in their handshake; beyond it the oldest is refused. Idle or
     /// garbage connections cannot crowd out a real backup, whose HELLO comes at once.
     pub max_pending: usize,
+    /// Most connections in their handshake from one remote address; more from it are refused
+    /// at once (REJECT busy), so one flooding host cannot hold the pending slots.
+    pub max_pending_per_addr: usize,
+    /// How backups prove they hold the key (`--psk-file`), or [`Credentials::Insecure`]
+    /// (`--insecure-no-auth`, the library's default: say so loudly where it is chosen).
+    pub credentials: Credentials,
     /// A backup whose connection holds more than this many unsent bytes is not reading: its
     /// heartbeats are skipped (never queued), so a final frame always fits.
     pub slow_unsent: usize,
@@ -140,6 +154,8 @@ impl SourceConfig {
             heartbeat: None,
             max_backups: 4096,
             max_pending: 64,
+            max_pending_per_addr: 8,
+            credentials: Credentials::Insecure,
             slow_unsent: 512,
             pause_timeout: Duration::from_secs(30),
             handoff_timeout: Duration::from_secs(90),
@@ -170,9 +186,11 @@ impl SourceConfig {
                 return Err(Error::Config(format!("{what} must be above zero")));
             }
         }
-        if self.max_backups == 0 || self.max_pending == 0 {
+        if self.max_backups == 0 || self.max_pending == 0 || self.max_pending_per_addr == 0 {
             return Err(Error::Config(
-                "max backups and max pending connections must be at least 1".into(),
+                "max backups and max pending connections (in total and per address) must be at \
+                 least 1"
+                    .into(),
             ));
         }
         crate::check_keepalive(&self.keepalive, self.listen)
@@ -190,6 +208,8 @@ pub enum SourceNotice<'a> {
         keepalive: Option<&'a EffectiveKeepalive>,
         /// Its name in the arbiter, if it gave one.
         node: &'a str,
+        /// The key it proved it holds (`None` on an insecure link).
+        key_id: Option<u16>,
     },
     /// A connection was refused during the handshake (bad frame, wrong pair id, timeout, limits).
     /// Rate-limited ([`REJECT_REPORTS_PER_SECOND`]): a flood of bad connections is one report
@@ -348,10 +368,30 @@ impl SourceHandle {
     }
 }
 
+/// Where a connection is in the version 2 handshake (all of it is `ConnState::Handshaking`).
+enum Hs {
+    /// Waiting for HELLO.
+    Hello,
+    /// WELCOME sent, waiting for AUTH.
+    Auth(AwaitingAuth),
+    /// The handshake failed after WELCOME: the same answer goes out at `answer_at`, whatever
+    /// failed (see [`auth::auth_failure_answer`]).
+    Failed { answer_at: Instant, why: String },
+    /// Joined: frames are sealed.
+    Done,
+}
+
 struct Conn {
     sock: Socket,
     peer: SocketAddr,
-    reader: FrameReader,
+    reader: Reader,
+    hs: Hs,
+    /// Seals and opens this link's frames once the handshake succeeded.
+    session: Option<Session>,
+    /// The key the backup authenticated with (`None` on an insecure link).
+    key_id: Option<u16>,
+    /// Refused for the source's own limits, not for anything it sent: no penalty for its address.
+    blameless: bool,
     state: ConnState,
     /// Handshake deadline, or the deadline for a told backup to close its side.
     deadline: Option<Instant>,
@@ -376,6 +416,7 @@ struct Conn {
 /// The source's event-manager subscriber.
 pub struct SourceListener {
     cfg: SourceConfig,
+    entropy: OsEntropy,
     policy: Policy,
     state: State,
     listener: Socket,
@@ -427,6 +468,9 @@ pub struct SourceListener {
     lost_backups: std::collections::HashSet<String>,
     /// Rate limit of `BackupRejected` reports.
     rejects: RateLimit,
+    /// Failed handshakes per remote address in the current second: an address past
+    /// [`PENALTY_FAILURES`] has its new connections closed at once until the second is over.
+    penalty: std::collections::HashMap<std::net::IpAddr, (Instant, u32)>,
     /// Tells the local guest the instant it must not be entered after.
     run_deadline_hook: Option<RunDeadlineHook>,
 }
@@ -482,7 +526,16 @@ impl SourceListener {
             .ok()
             .and_then(|a| a.as_socket())
             .unwrap_or(cfg.listen);
+        let entropy = OsEntropy::new().map_err(Error::Resource)?;
+        if !cfg.credentials.is_keyed() {
+            warn!(
+                "pair {}: the heartbeat link is NOT authenticated (no key): anyone who reaches \
+                 {local_addr} can speak for a backup",
+                cfg.pair_id
+            );
+        }
         Ok(SourceListener {
+            entropy,
             policy: Policy::default(),
             cfg,
             state: State::Serving,
@@ -519,6 +572,7 @@ impl SourceListener {
             next_beat: None,
             lost_backups: Default::default(),
             rejects: RateLimit::default(),
+            penalty: Default::default(),
             run_deadline_hook: None,
         })
     }
@@ -1144,8 +1198,25 @@ impl SourceListener {
         let Some(c) = self.conns[idx].as_mut() else {
             return Err(io::Error::from(io::ErrorKind::NotConnected));
         };
+        let Some(session) = c.session.as_mut() else {
+            // Only a joined link has a session; nothing else is written through here.
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
         let was_empty = c.outbox.is_empty();
-        c.outbox.extend_from_slice(&frame.encode());
+        session.seal_into(frame, &mut c.outbox);
+        if was_empty {
+            write_out(c)?;
+        }
+        Ok(())
+    }
+
+    /// Queues handshake bytes (a WELCOME) and writes what the socket takes now.
+    fn write_raw(&mut self, idx: usize, bytes: &[u8]) -> io::Result<()> {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return Err(io::Error::from(io::ErrorKind::NotConnected));
+        };
+        let was_empty = c.outbox.is_empty();
+        c.outbox.extend_from_slice(bytes);
         if was_empty {
             write_out(c)?;
         }
@@ -1174,17 +1245,21 @@ impl SourceListener {
         ));
     }
 
-    /// REJECT a connection that never armed, and close it.
+    /// REJECT a connection that never armed, and close it. The REJECT is tagged when the HELLO
+    /// named this source's key and pair (the backup can trust its code), else untagged.
     fn reject(&mut self, ops: &mut EventOps, idx: usize, code: RejectCode, why: String) {
+        let bytes = match self.conns[idx].as_ref().map(|c| &c.hs) {
+            Some(Hs::Auth(aw)) => aw.reject(code, &why),
+            _ => auth::unauthenticated_reject(code, &why),
+        };
+        self.reject_with(ops, idx, &bytes, why);
+    }
+
+    /// Writes `bytes` (a REJECT) to a connection that never armed, and closes it.
+    fn reject_with(&mut self, ops: &mut EventOps, idx: usize, bytes: &[u8], why: String) {
         if let Some(c) = self.conns[idx].as_mut() {
             // Best effort: the peer may be no backup at all; it never armed, so a reset is fine.
-            let _ = (&c.sock).write(
-                &Frame::Reject {
-                    code,
-                    reason: why.clone(),
-                }
-                .encode(),
-            );
+            let _ = (&c.sock).write(bytes);
             c.why = why;
         }
         self.conn_input(ops, idx, ConnInput::HelloBad, String::new());
@@ -1202,7 +1277,13 @@ impl SourceListener {
             c.why = why;
         }
         match (before, next) {
-            (ConnState::Handshaking, s) if s != ConnState::Handshaking => self.handshaking -= 1,
+            (ConnState::Handshaking, s) if s != ConnState::Handshaking => {
+                self.handshaking -= 1;
+                if s == ConnState::Closed && !c.blameless {
+                    let ip = c.peer.ip();
+                    self.note_failure_from(ip);
+                }
+            }
             _ => {}
         }
         match (before, next) {
@@ -1333,19 +1414,8 @@ impl SourceListener {
         (self.observer)(&SourceNotice::StoodDown { told, confirmed });
     }
 
+    /// The handshake completed (the backup's AUTH verified; the WELCOME went out before it).
     fn welcome(&mut self, ops: &mut EventOps, idx: usize) {
-        let frame = Frame::Welcome {
-            heartbeat: self.cfg.heartbeat,
-            node: self.cfg.node.clone(),
-            fence_grace: self.arbiter.as_ref().map_or(Duration::ZERO, |a| a.grace),
-        };
-        if let Err(e) = self.write_frame(idx, &frame) {
-            // The backup never saw WELCOME, so it never armed: closing is safe.
-            if let Some(c) = self.conns[idx].as_mut() {
-                c.why = format!("WELCOME could not be sent: {e}");
-            }
-            return self.conn_input(ops, idx, ConnInput::Failed, String::new());
-        }
         self.flush(ops, idx);
         let Some(c) = self.conns[idx].as_mut() else {
             return;
@@ -1358,6 +1428,7 @@ impl SourceListener {
             peer: c.peer,
             keepalive: c.keepalive.as_ref(),
             node: &c.node,
+            key_id: c.key_id,
         });
         if self.joined == 1 && self.state == State::Serving {
             if let Some(hb) = self.cfg.heartbeat {
@@ -1385,14 +1456,42 @@ impl SourceListener {
                         e.raw_os_error(),
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     );
-                    // Out of descriptors, a handshake that has not said HELLO yet is the cheapest
-                    // thing to give up: its descriptor goes to the connection that waits.
+                    if resources && self.spare_fd.is_some() {
+                        // Linux takes the descriptor before it looks at the queue: EMFILE does not
+                        // say that anyone waits. The spare descriptor tells.
+                        self.spare_fd = None;
+                        let waiting = self.listener.accept();
+                        match waiting {
+                            Err(w) if w.kind() == io::ErrorKind::WouldBlock => {
+                                self.spare_fd = File::open("/dev/null").ok();
+                                return;
+                            }
+                            Ok((sock, addr)) => {
+                                // Someone waits: the cheapest handshake to give up makes room.
+                                let evicted =
+                                    self.evict_oldest_handshake(ops, "out of descriptors");
+                                if evicted {
+                                    self.spare_fd = File::open("/dev/null").ok();
+                                    let peer = addr.as_socket().unwrap_or(self.local_addr);
+                                    self.admit(ops, sock, peer);
+                                    continue;
+                                }
+                                // Nothing to give up: shed it, and stop polling the listener
+                                // for a while (a level-triggered listener whose accept fails
+                                // would make the loop spin).
+                                drop(sock);
+                                self.spare_fd = File::open("/dev/null").ok();
+                                return self.pause_accept(ops, e);
+                            }
+                            Err(_) => {
+                                self.spare_fd = File::open("/dev/null").ok();
+                                return self.pause_accept(ops, e);
+                            }
+                        }
+                    }
                     if resources && self.evict_oldest_handshake(ops, "out of descriptors") {
                         continue;
                     }
-                    // Otherwise shed the waiting connection with the spare descriptor and stop
-                    // polling the listener for a while: a level-triggered listener whose accept
-                    // fails would make the loop spin.
                     if resources {
                         self.shed_one();
                     }
@@ -1450,13 +1549,19 @@ impl SourceListener {
         }
     }
 
-    /// Refuses the oldest connection still in its handshake; `false` if there is none.
+    /// Refuses a connection still in its handshake, preferring the oldest of those that have not
+    /// said HELLO yet (a backup's HELLO comes at once); `false` if there is none.
     fn evict_oldest_handshake(&mut self, ops: &mut EventOps, why: &str) -> bool {
-        let oldest = self
-            .indices(ConnState::Handshaking)
-            .min_by_key(|&i| self.conns[i].as_ref().map(|c| c.accepted));
+        let oldest = self.indices(ConnState::Handshaking).min_by_key(|&i| {
+            self.conns[i]
+                .as_ref()
+                .map(|c| (!matches!(c.hs, Hs::Hello), c.accepted))
+        });
         match oldest {
             Some(i) => {
+                if let Some(c) = self.conns[i].as_mut() {
+                    c.blameless = true;
+                }
                 self.reject(ops, i, RejectCode::Busy, format!("refused: {why}"));
                 true
             }
@@ -1464,39 +1569,71 @@ impl SourceListener {
         }
     }
 
+    /// Notes a failed handshake from `ip`.
+    fn note_failure_from(&mut self, ip: std::net::IpAddr) {
+        let now = Instant::now();
+        if self.penalty.len() > 4096 {
+            self.penalty
+                .retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(1));
+        }
+        let e = self.penalty.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(1) {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+
+    /// Whether `ip` failed too many handshakes this second.
+    fn penalized(&self, ip: std::net::IpAddr) -> bool {
+        self.penalty
+            .get(&ip)
+            .is_some_and(|(t, n)| *n >= PENALTY_FAILURES && t.elapsed() < Duration::from_secs(1))
+    }
+
     fn admit(&mut self, ops: &mut EventOps, sock: Socket, peer: SocketAddr) {
-        if self.state.is_done() || self.state.handing_off() {
-            let _ = (&sock).write(
-                &Frame::Reject {
-                    code: RejectCode::Stopping,
-                    reason: "the source is stopping or handing off".into(),
-                }
-                .encode(),
+        if self.penalized(peer.ip()) {
+            // Closed unread (a reset): the address keeps failing handshakes.
+            self.report_rejected(
+                peer,
+                format!(
+                    "{} failed {PENALTY_FAILURES} handshakes within a second: closed at once \
+                     for the rest of it",
+                    peer.ip()
+                ),
             );
             return;
         }
+        // A stopping source still takes the HELLO: its REJECT `stopping` must be tagged, or a
+        // keyed backup could not tell it from a forged one (it reads it as a missed STAND_DOWN).
         if self.joined >= self.cfg.max_backups {
-            let _ = (&sock).write(
-                &Frame::Reject {
-                    code: RejectCode::Busy,
-                    reason: format!("at the limit of {} backups", self.cfg.max_backups),
-                }
-                .encode(),
+            let why = format!("at the limit of {} backups", self.cfg.max_backups);
+            let _ = (&sock).write(&auth::unauthenticated_reject(RejectCode::Busy, &why));
+            self.report_rejected(peer, why);
+            return;
+        }
+        let from_peer = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.state == ConnState::Handshaking && c.peer.ip() == peer.ip())
+            .count();
+        if from_peer >= self.cfg.max_pending_per_addr {
+            let why = format!(
+                "more than {} handshakes pending from {}",
+                self.cfg.max_pending_per_addr,
+                peer.ip()
             );
-            warn!(
-                "refusing backup {peer}: at the limit of {} backups",
-                self.cfg.max_backups
-            );
+            let _ = (&sock).write(&auth::unauthenticated_reject(RejectCode::Busy, &why));
+            self.report_rejected(peer, why);
             return;
         }
         if self.handshaking >= self.cfg.max_pending {
             let limit = self.cfg.max_pending;
             self.evict_oldest_handshake(ops, &format!("more than {limit} handshakes pending"));
         }
-        if let Err(e) = sock
-            .set_nonblocking(true)
-            .and_then(|()| crate::tune_socket(&sock, &self.cfg.keepalive))
-        {
+        // The socket is tuned (keepalive, user timeout) only once its HELLO is good: a flood of
+        // garbage connections costs an accept, a read and a close each, not the tuning too.
+        if let Err(e) = sock.set_nonblocking(true) {
             error!("backup {peer}: cannot set up socket: {e}");
             return;
         }
@@ -1518,7 +1655,11 @@ impl SourceListener {
         self.conns[idx] = Some(Conn {
             sock,
             peer,
-            reader: FrameReader::new(),
+            reader: Reader::new(),
+            hs: Hs::Hello,
+            session: None,
+            key_id: None,
+            blameless: false,
             state: ConnState::Handshaking,
             deadline: Some(now + self.cfg.handshake_timeout),
             accepted: now,
@@ -1550,7 +1691,16 @@ impl SourceListener {
             };
             match (&conn.sock).read(&mut buf) {
                 Ok(0) => {
-                    return self.conn_input(ops, idx, ConnInput::Eof, "EOF".to_string());
+                    // A backup that cannot verify our WELCOME hangs up without AUTH; when the
+                    // HELLO already doomed the handshake, say why (locally).
+                    let why = match &conn.hs {
+                        Hs::Auth(aw) => match aw.doomed() {
+                            Some(d) => format!("hung up during the handshake: {d}"),
+                            None => "hung up during the handshake (after WELCOME)".to_string(),
+                        },
+                        _ => "EOF".to_string(),
+                    };
+                    return self.conn_input(ops, idx, ConnInput::Eof, why);
                 }
                 Ok(n) => {
                     if conn.state == ConnState::Closing {
@@ -1565,7 +1715,23 @@ impl SourceListener {
                         if conn.state == ConnState::Closing {
                             break;
                         }
-                        match conn.reader.next_frame() {
+                        if conn.state == ConnState::Handshaking {
+                            if matches!(conn.hs, Hs::Failed { .. }) {
+                                // Its answer is fixed; nothing it adds changes it.
+                                conn.reader = Reader::new();
+                                break;
+                            }
+                            match conn.reader.next_handshake() {
+                                Ok(None) => break,
+                                Ok(Some(bytes)) => self.on_handshake(ops, idx, &bytes),
+                                Err(e) => self.on_handshake_error(ops, idx, e),
+                            }
+                            continue;
+                        }
+                        let Some(session) = conn.session.as_mut() else {
+                            break;
+                        };
+                        match conn.reader.next_frame(session) {
                             Ok(None) => break,
                             Ok(Some(frame)) => self.on_frame(ops, idx, frame),
                             Err(e) => {
@@ -1580,6 +1746,112 @@ impl SourceListener {
                 Err(e) => return self.conn_input(ops, idx, ConnInput::Failed, e.to_string()),
             }
         }
+    }
+
+    /// One whole handshake frame: HELLO (answered with WELCOME or a REJECT), then AUTH.
+    fn on_handshake(&mut self, ops: &mut EventOps, idx: usize, bytes: &[u8]) {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return;
+        };
+        match std::mem::replace(&mut c.hs, Hs::Done) {
+            Hs::Hello => {
+                let hs = match SourceHandshake::on_hello(
+                    &self.cfg.credentials,
+                    &self.cfg.pair_id,
+                    bytes,
+                    &mut self.entropy,
+                ) {
+                    Ok(hs) => hs,
+                    Err(e) => {
+                        c.hs = Hs::Hello;
+                        let why = e.to_string();
+                        return self.reject_with(ops, idx, &auth::reject_for_error(&e), why);
+                    }
+                };
+                let node = hs.peer_node().to_string();
+                let refusal = if self.state.is_done() || self.state.handing_off() {
+                    Some((
+                        RejectCode::Stopping,
+                        "the source is stopping or handing off",
+                    ))
+                } else if self.policy.arbitrated == node.is_empty() {
+                    // Arbitration guards a pair only when both sides use it: a backup without
+                    // it would start its copy on the link's word alone.
+                    Some((
+                        RejectCode::Arbiter,
+                        if node.is_empty() {
+                            "this source uses an arbiter; the backup must use one too"
+                        } else {
+                            "this source has no arbiter; the backup must not use one either"
+                        },
+                    ))
+                } else {
+                    None
+                };
+                if let Some((code, why)) = refusal {
+                    let bytes = hs.reject(code, why);
+                    return self.reject_with(ops, idx, &bytes, why.to_string());
+                }
+                let info = WelcomeInfo {
+                    heartbeat: self.cfg.heartbeat,
+                    node: self.cfg.node.clone(),
+                    fence_grace: self.arbiter.as_ref().map_or(Duration::ZERO, |a| a.grace),
+                };
+                if let Err(e) = crate::tune_socket(&c.sock, &self.cfg.keepalive) {
+                    let why = format!("cannot set up the socket: {e}");
+                    return self.conn_input(ops, idx, ConnInput::Failed, why);
+                }
+                let (awaiting, welcome) = hs.welcome(&info);
+                c.hs = Hs::Auth(awaiting);
+                if let Err(e) = self.write_raw(idx, &welcome) {
+                    // The backup never saw WELCOME, so it never armed: closing is safe.
+                    let why = format!("WELCOME could not be sent: {e}");
+                    return self.conn_input(ops, idx, ConnInput::Failed, why);
+                }
+                self.flush(ops, idx);
+            }
+            Hs::Auth(awaiting) => match awaiting.on_auth(bytes) {
+                Ok(accepted) => {
+                    c.session = Some(accepted.session);
+                    c.key_id = accepted.key_id;
+                    self.lost_backups.remove(&accepted.node);
+                    c.node = accepted.node;
+                    self.conn_input(ops, idx, ConnInput::HelloOk, String::new());
+                }
+                Err(f) => self.auth_failed(idx, f.to_string()),
+            },
+            other => c.hs = other,
+        }
+    }
+
+    /// Bytes that do not decode during the handshake: before WELCOME a REJECT saying what was
+    /// wrong; after it, the one answer every failure gets.
+    fn on_handshake_error(&mut self, ops: &mut EventOps, idx: usize, e: ProtocolError) {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return;
+        };
+        if matches!(c.hs, Hs::Auth(_)) {
+            return self.auth_failed(idx, format!("no valid AUTH: {e}"));
+        }
+        debug!("handshake error from {}: {e}", c.peer);
+        let why = e.to_string();
+        self.reject_with(ops, idx, &auth::reject_for_error(&e), why);
+    }
+
+    /// The handshake failed after WELCOME: the same answer whatever failed, after the same
+    /// delay from the arrival of the bytes (the handshake deadline still applies). Why it failed
+    /// is for the local report only.
+    fn auth_failed(&mut self, idx: usize, why: String) {
+        let Some(c) = self.conns[idx].as_mut() else {
+            return;
+        };
+        let (_, delay) = auth::auth_failure_answer();
+        let answer_at = Instant::now() + delay;
+        c.hs = Hs::Failed { answer_at, why };
+        if c.deadline.is_none_or(|d| d > answer_at) {
+            c.deadline = Some(answer_at);
+        }
+        self.arm_sweep();
     }
 
     fn on_protocol_error(&mut self, ops: &mut EventOps, idx: usize, e: &ProtocolError) {
@@ -1616,36 +1888,6 @@ impl SourceListener {
                 }
                 self.check_fence(ops);
             }
-            (
-                ConnState::Handshaking,
-                Frame::Hello {
-                    pair_id,
-                    node,
-                    auth_tag,
-                },
-            ) => {
-                if pair_id != self.cfg.pair_id {
-                    let e = ProtocolError::PairIdMismatch { got: pair_id };
-                    return self.reject(ops, idx, e.reject_code(), e.to_string());
-                }
-                if !auth_tag.is_empty() {
-                    let why = "authentication tags are not supported by this source".to_string();
-                    return self.reject(ops, idx, RejectCode::Malformed, why);
-                }
-                // Arbitration guards a pair only when both sides use it: a backup without it
-                // would start its copy on the link's word alone.
-                if self.policy.arbitrated == node.is_empty() {
-                    let why = if node.is_empty() {
-                        "this source uses an arbiter; the backup must use one too"
-                    } else {
-                        "this source has no arbiter; the backup must not use one either"
-                    };
-                    return self.reject(ops, idx, RejectCode::Arbiter, why.into());
-                }
-                self.lost_backups.remove(&node);
-                c.node = node;
-                self.conn_input(ops, idx, ConnInput::HelloOk, String::new());
-            }
             (ConnState::Target, Frame::HandoffResult { status, detail }) => {
                 let s = match status {
                     protocol::HandoffStatus::Started => "started",
@@ -1664,11 +1906,6 @@ impl SourceListener {
                 }
                 self.conn_input(ops, idx, ConnInput::HandoffResult, s.to_string());
             }
-            (ConnState::Handshaking, f) => {
-                let e =
-                    ProtocolError::Unexpected(f.name(), "during the handshake (expected HELLO)");
-                self.reject(ops, idx, e.reject_code(), e.to_string());
-            }
             (_, f) => {
                 let why = format!("unexpected {} from a joined backup", f.name());
                 self.conn_input(ops, idx, ConnInput::Unexpected, why);
@@ -1676,18 +1913,18 @@ impl SourceListener {
         }
     }
 
-    fn on_heartbeat_tick(&mut self) {
+    fn on_heartbeat_tick(&mut self, ops: &mut EventOps) {
         // Expirations coalesce: a loop that was late sends one heartbeat, not a burst.
         if self.heartbeat_timer.expirations() == 0 {
             return;
         }
-        self.beat_if_due();
+        self.beat_if_due(ops);
     }
 
     /// Sends the heartbeat if it is due. Called from the heartbeat timer and at the start of
     /// every event this subscriber handles, so that a long batch of other events (a connection
     /// burst) cannot hold a heartbeat back until the batch is done.
-    fn beat_if_due(&mut self) {
+    fn beat_if_due(&mut self, ops: &mut EventOps) {
         let (Some(due), Some(every)) = (self.next_beat, self.cfg.heartbeat) else {
             return;
         };
@@ -1706,15 +1943,25 @@ impl SourceListener {
             next += every;
         }
         self.next_beat = Some(next);
-        self.send_heartbeats();
+        for idx in self.send_heartbeats() {
+            // A beat the socket did not take whole waits in the outbox: watch EPOLLOUT for it.
+            self.flush(ops, idx);
+        }
     }
 
-    fn send_heartbeats(&mut self) {
+    /// Sends a sealed HEARTBEAT to every joined backup that reads; returns the connections
+    /// left with bytes in their outbox.
+    fn send_heartbeats(&mut self) -> Vec<usize> {
         self.seq += 1;
-        let bytes = Frame::Heartbeat { seq: self.seq }.encode();
         let limit = self.cfg.slow_unsent;
         let mut notices = Vec::new();
-        for c in self.conns.iter_mut().flatten() {
+        let mut pending = Vec::new();
+        for (idx, c) in self
+            .conns
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.as_mut()?)))
+        {
             if c.state != ConnState::Joined {
                 continue;
             }
@@ -1774,12 +2021,24 @@ impl SourceListener {
                 }
                 (None, false) => {}
             }
+            let Some(session) = c.session.as_mut() else {
+                continue;
+            };
+            // Sealed only when it is sent: every sealed frame must arrive, in order (a gap is a
+            // protocol violation at the backup).
+            let bytes = session.seal_heartbeat(self.seq);
             match (&c.sock).write(&bytes) {
                 Ok(n) if n == bytes.len() => {}
                 // A frame is never cut: the rest waits in the outbox (and further heartbeats are
                 // skipped until it is out).
-                Ok(n) => c.outbox.extend_from_slice(&bytes[n..]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) => {
+                    c.outbox.extend_from_slice(&bytes[n..]);
+                    pending.push(idx);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    c.outbox.extend_from_slice(&bytes);
+                    pending.push(idx);
+                }
                 // The reading side sees the same error and reports it.
                 Err(e) => debug!("heartbeat to {}: {e}", c.peer),
             }
@@ -1798,6 +2057,7 @@ impl SourceListener {
             }
             (self.observer)(n);
         }
+        pending
     }
 
     fn arm_sweep(&mut self) {
@@ -1825,12 +2085,21 @@ impl SourceListener {
             .collect();
         let t = self.cfg.handshake_timeout;
         for (idx, state) in stale {
+            let failed = self.conns[idx].as_mut().and_then(|c| match &mut c.hs {
+                Hs::Failed { answer_at, why } if *answer_at <= now => Some(std::mem::take(why)),
+                _ => None,
+            });
+            if let Some(why) = failed {
+                let (bytes, _) = auth::auth_failure_answer();
+                self.reject_with(ops, idx, bytes, format!("authentication failed: {why}"));
+                continue;
+            }
             match state {
                 ConnState::Handshaking => self.conn_input(
                     ops,
                     idx,
                     ConnInput::HandshakeTimeout,
-                    format!("no HELLO within {t:?}"),
+                    format!("no complete handshake within {t:?}"),
                 ),
                 // Told to go and still not closed: the frame went out long ago; close.
                 _ => {
@@ -2028,10 +2297,10 @@ impl MutEventSubscriber for SourceListener {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        self.beat_if_due();
+        self.beat_if_due(ops);
         match events.data() {
             TOKEN_LISTEN => self.accept_all(ops),
-            TOKEN_HEARTBEAT => self.on_heartbeat_tick(),
+            TOKEN_HEARTBEAT => self.on_heartbeat_tick(ops),
             TOKEN_SWEEP => self.on_sweep(ops),
             TOKEN_MAILBOX => self.on_mailbox(ops),
             TOKEN_JOB => self.on_job_timer(ops),

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use event_manager::{EventManager, SubscriberOps};
+use vmm_takeover_core::auth::{BackupHandshake, HandshakeFailure, OsEntropy, Reader};
 use vmm_takeover_core::link::backup::{Outcome, Phase};
-use vmm_takeover_core::protocol::{Frame, FrameReader, RejectCode};
+use vmm_takeover_core::protocol::{Frame, RejectCode};
 use vmm_takeover_core::vmm_keepalive::{KeepaliveSpec, UserTimeout};
 use vmm_takeover_core::{
     BackupConfig, BackupMonitor, SourceConfig, SourceListener, TakeoverReason,
@@ -38,7 +39,10 @@ fn dropping_the_source_subscriber_takes_over_once() {
     let id = em.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(src)));
     let hook = Counting::default();
     let m = add(&mut em, backup(&notices, addr, hook.clone(), |_| {}));
-    notices.wait(Some(&mut em), "bak: armed");
+    // The backup arms on the WELCOME, as it sends its AUTH; the source joins it once it has read
+    // that AUTH. Dropped before then, the source's socket would close with the AUTH unread, which
+    // sends a reset (a takeover too, but for "reset"): this test is about a clean close.
+    notices.wait_all(Some(&mut em), &["bak: armed", "src: joined"]);
     // The source VMM vanishes: its subscriber and sockets are dropped without a STAND_DOWN.
     drop(em.remove_subscriber(id).unwrap());
     notices.wait(Some(&mut em), "bak: link-lost peer-closed");
@@ -149,6 +153,10 @@ fn a_keepalive_beyond_the_kernels_limits_fails_at_start() {
 
 /// A wrong pair id cannot heal by waiting: the backup ends with a clear reason (and the source
 /// never says which pair it serves).
+///
+/// In version 2 the source does not even say that the pair is wrong: it answers with a WELCOME
+/// whose MAC no key verifies (see `SourceHandshake`), so the backup's reason is the WELCOME that
+/// failed authentication, naming the pair it asked for as a possible cause.
 #[test]
 fn a_wrong_pair_id_ends_the_backup() {
     let mut em = EventManager::<Sub>::new().unwrap();
@@ -161,7 +169,11 @@ fn a_wrong_pair_id_ends_the_backup() {
         backup(&notices, addr, hook.clone(), |c| c.pair_id = "other".into()),
     );
     let why = notices.wait(Some(&mut em), "bak: rejected");
-    assert!(why.contains("pair-mismatch"), "{why}");
+    assert!(
+        why.contains("WELCOME failed authentication")
+            && why.contains("another pair than \"other\""),
+        "{why}"
+    );
     assert!(
         !why.contains("secret-pair"),
         "REJECT names the source's pair: {why}"
@@ -185,8 +197,53 @@ fn a_wrong_pair_id_ends_the_backup() {
     assert_eq!(m.lock().unwrap().state().phase, Phase::Watching);
 }
 
+/// Reads what `s` (non-blocking) has into `reader`, after turning the source's loop for a moment:
+/// the source runs in `em`, on this thread. `false` once the source closed the connection.
+fn pump(
+    em: &mut EventManager<Sub>,
+    notices: &mut Notices,
+    s: &mut TcpStream,
+    reader: &mut Reader,
+) -> bool {
+    notices.run_for(Some(em), Duration::from_millis(20));
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => false,
+        Ok(n) => {
+            reader.push(&buf[..n]);
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+        Err(e) => panic!("the source reset the connection: {e}"),
+    }
+}
+
+/// The next handshake frame (WELCOME or REJECT) the source sends on `s`, driving `em` meanwhile.
+fn next_handshake(
+    em: &mut EventManager<Sub>,
+    notices: &mut Notices,
+    s: &mut TcpStream,
+    reader: &mut Reader,
+) -> Vec<u8> {
+    let t = Instant::now();
+    loop {
+        if let Some(frame) = reader.next_handshake().unwrap() {
+            return frame;
+        }
+        assert!(
+            pump(em, notices, s, reader),
+            "the source closed before answering"
+        );
+        assert!(t.elapsed() < BOUND, "no answer within {BOUND:?}");
+    }
+}
+
 /// A joined peer that sends bytes a backup never sends is told EVICT before the connection
 /// ends: an armed backup must never read a bare close from a live source.
+///
+/// The peer completes the version 2 handshake (HELLO, WELCOME, AUTH) with the source's key, so
+/// it is joined when it misbehaves; the EVICT it gets is sealed with its session.
 #[test]
 fn a_misbehaving_joined_peer_is_evicted_not_dropped() {
     let mut em = EventManager::<Sub>::new().unwrap();
@@ -194,40 +251,39 @@ fn a_misbehaving_joined_peer_is_evicted_not_dropped() {
     let (src, addr) = source(&notices, |_| {});
     add(&mut em, src);
     let mut s = TcpStream::connect(addr).unwrap();
-    let hello = Frame::Hello {
-        pair_id: "pair".into(),
-        node: String::new(),
-        auth_tag: vec![],
-    };
-    s.write_all(&hello.encode()).unwrap();
+    let (hs, hello) = BackupHandshake::start(
+        &test_credentials(),
+        "pair",
+        "",
+        &mut OsEntropy::new().unwrap(),
+    );
+    s.write_all(&hello).unwrap();
+    let mut r = Reader::new();
+    let welcome = next_handshake(&mut em, &mut notices, &mut s, &mut r);
+    let w = hs
+        .on_welcome(&welcome)
+        .unwrap_or_else(|e| panic!("the source did not welcome: {e}"));
+    let mut session = w.session;
+    s.write_all(&w.auth).unwrap();
     notices.wait(Some(&mut em), "src: joined");
     s.write_all(b"garbage!").unwrap();
     notices.wait(Some(&mut em), "src: evicted");
-    s.set_read_timeout(Some(BOUND)).unwrap();
-    let mut r = FrameReader::new();
     let mut frames = Vec::new();
-    let mut buf = [0u8; 256];
-    loop {
-        // The source's loop must turn for the rest to go out; drive it between reads.
-        notices.run_for(Some(&mut em), Duration::from_millis(20));
-        s.set_nonblocking(true).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                r.push(&buf[..n]);
-                while let Ok(Some(f)) = r.next_frame() {
-                    frames.push(f);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("the source reset the connection: {e}"),
+    let t = Instant::now();
+    // The source's loop must turn for the rest to go out; drive it between reads.
+    while pump(&mut em, &mut notices, &mut s, &mut r) {
+        while let Some(f) = r
+            .next_frame(&mut session)
+            .unwrap_or_else(|e| panic!("after {frames:?}: {e}"))
+        {
+            frames.push(f);
         }
         if frames.iter().any(|f| matches!(f, Frame::Evict { .. })) {
             // Told; now close our side, as a backup would.
             break;
         }
+        assert!(t.elapsed() < BOUND, "no EVICT within {BOUND:?}: {frames:?}");
     }
-    assert!(matches!(frames[0], Frame::Welcome { .. }), "{frames:?}");
     assert!(
         frames.iter().any(|f| matches!(f, Frame::Evict { .. })),
         "no EVICT before the close: {frames:?}"
@@ -235,6 +291,10 @@ fn a_misbehaving_joined_peer_is_evicted_not_dropped() {
 }
 
 /// A handshaking peer that says something wrong gets a REJECT with a code it can act on.
+///
+/// Version 2 REJECTs carry a tag; they are decoded here as a backup decodes them, through its
+/// handshake (`on_welcome`). No key can tag this one (nothing was understood), so it is
+/// unauthenticated, and the code is for the peer's information only.
 #[test]
 fn a_bad_hello_gets_a_reject_code() {
     let mut em = EventManager::<Sub>::new().unwrap();
@@ -247,10 +307,29 @@ fn a_bad_hello_gets_a_reject_code() {
     s.set_read_timeout(Some(BOUND)).unwrap();
     let mut bytes = Vec::new();
     let _ = s.read_to_end(&mut bytes);
-    let mut r = FrameReader::new();
+    let mut r = Reader::new();
     r.push(&bytes);
-    match r.next_frame() {
-        Ok(Some(Frame::Reject { code, .. })) => assert_eq!(code, RejectCode::Malformed),
+    let frame = r
+        .next_handshake()
+        .unwrap_or_else(|e| panic!("{e}: {bytes:02x?}"))
+        .unwrap_or_else(|| panic!("no whole frame: {bytes:02x?}"));
+    // A keyed backup's handshake, though this peer never sent its HELLO: the REJECT answers
+    // no HELLO, so it cannot carry a tag that verifies.
+    let (hs, _) = BackupHandshake::start(
+        &test_credentials(),
+        "pair",
+        "",
+        &mut OsEntropy::new().unwrap(),
+    );
+    match hs.on_welcome(&frame) {
+        Err(HandshakeFailure::Rejected {
+            code,
+            authenticated,
+            ..
+        }) => {
+            assert_eq!(code, RejectCode::Malformed);
+            assert!(!authenticated);
+        }
         other => panic!("expected REJECT, got {other:?}"),
     }
 }

@@ -108,6 +108,9 @@ fn a_hook_that_never_returns_times_out_and_is_aborted() {
         }),
     );
     notices.wait(Some(&mut em), "bak: armed");
+    // The backup arms on the WELCOME; the source joins it on the AUTH that follows. Dropped
+    // before it read the AUTH, the source's socket would close with a reset, not an EOF.
+    notices.wait(Some(&mut em), "src: joined");
     drop(em.remove_subscriber(id).unwrap());
     notices.wait(Some(&mut em), "bak: takeover peer-closed");
     let t = Instant::now();

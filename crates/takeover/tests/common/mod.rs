@@ -9,6 +9,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_takeover_core::auth::{Credentials, Key, KeyRing};
 use vmm_takeover_core::{
     AbortHandle, BackupConfig, BackupHandle, BackupMonitor, BackupNotice, HookError, SourceConfig,
     SourceHandle, SourceListener, SourceNotice, TakeoverRecord, VmPause, VmStart,
@@ -163,7 +164,15 @@ pub fn backup_text(n: &BackupNotice) -> String {
         N::ArbitrationWait { holder, why, .. } => format!("arbitration-wait {holder:?} {why}"),
         N::ArbitrationWon { epoch, .. } => format!("arbitration-won {epoch}"),
         N::ArbitrationLost { winner } => format!("arbitration-lost {winner}"),
+        N::LinkUntrusted { why } => format!("link-untrusted {why}"),
     }
+}
+
+/// The key every test's source and backup share (a fixed test key: the tests run the real
+/// authenticated handshake and sealed frames).
+pub fn test_credentials() -> Credentials {
+    let key = Key::new(1, &[0x5a; 32]).unwrap();
+    Credentials::Keys(Arc::new(KeyRing::new([key]).unwrap()))
 }
 
 /// A source on an ephemeral loopback port, as configured by `tweak`.
@@ -172,6 +181,7 @@ pub fn source(
     tweak: impl FnOnce(&mut SourceConfig),
 ) -> (SourceListener, SocketAddr) {
     let mut cfg = SourceConfig::new("127.0.0.1:0".parse().unwrap(), "pair");
+    cfg.credentials = test_credentials();
     tweak(&mut cfg);
     let s = SourceListener::new(cfg, notices.source_observer()).unwrap();
     let addr = s.local_addr();
@@ -186,6 +196,7 @@ pub fn backup(
     tweak: impl FnOnce(&mut BackupConfig),
 ) -> BackupMonitor {
     let mut cfg = BackupConfig::new(addr, "pair");
+    cfg.credentials = test_credentials();
     tweak(&mut cfg);
     BackupMonitor::new(cfg, Box::new(hook), notices.backup_observer()).unwrap()
 }
