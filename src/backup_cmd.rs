@@ -194,8 +194,12 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
         monitor.set_arbiter(s.clone());
     }
     let handle = monitor.handle();
+    let ops = crate::ops::setup(&a.ops, monitor.counters(), session.as_ref())?;
     let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(Rc::new(RefCell::new(monitor)));
+    for s in ops.subscribers {
+        em.add_subscriber(s);
+    }
     add_guest_report(&mut em, guest)?;
     let ex = exit.clone();
     let started = serving.clone();
@@ -219,6 +223,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     .map_err(|e| format!("signals: {e}"))?;
     em.add_subscriber(Rc::new(RefCell::new(sigs)));
     let code = run_loop(&mut em, &[&exit])?;
+    drop(ops.control);
     // A backup that started a guest keeps the pair to the end: its lease runs out on its own
     // (TTL), never revoked from under a guest that may still run. Otherwise it holds nothing.
     if !took_over.load(Ordering::SeqCst) {

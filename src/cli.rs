@@ -30,6 +30,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Write a fresh key file for `--psk-file` (mode 0600), or add a key to one (rotation).
     Keygen(KeygenArgs),
+    /// Ask a running source or backup for its state (its `--control` socket); prints JSON.
+    Status(StatusArgs),
 }
 
 /// `vmm-takeover keygen`.
@@ -133,6 +135,8 @@ pub struct SourceArgs {
     pub arbiter: ArbiterArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
     /// Most connections still in their handshake (a flood beyond it pushes out the oldest).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_pending: u32,
@@ -196,6 +200,8 @@ pub struct BackupArgs {
     pub arbiter: ArbiterArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
     /// In heartbeat mode, take over after this many missed heartbeat intervals (1..=1000).
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub heartbeat_misses: u32,
@@ -223,6 +229,30 @@ pub struct BackupArgs {
     /// `hook-timeout` (exit 6) and the hook is aborted (a command's process group is killed).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     pub hook_timeout: Duration,
+}
+
+/// Operations flags shared by both sides.
+#[derive(Debug, Args, Clone)]
+pub struct OpsArgs {
+    /// Serve Prometheus metrics (OpenMetrics text) on `HOST:PORT` at `/metrics`, from a thread
+    /// off the event loop. Port 0 picks one; see the `metrics` event.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub metrics: Option<SocketAddr>,
+    /// Answer `vmm-takeover status --control PATH` on this Unix socket (created mode 0600; a
+    /// stale socket is replaced, a live one is an error).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+/// `vmm-takeover status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The `--control` socket of the process to ask.
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+    /// How long to wait for the answer.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_timeout)]
+    pub timeout: Duration,
 }
 
 const HOST_PORT: &str = "HOST:PORT, e.g. 127.0.0.1:7070 or localhost:7070";

@@ -25,6 +25,7 @@ static CONTEXT: OnceLock<(&'static str, String)> = OnceLock::new();
 /// Sets the role (`source`, `backup`) and pair id every later event carries. Once per process.
 pub fn set_context(role: &'static str, pair_id: &str) {
     let _ = CONTEXT.set((role, pair_id.to_string()));
+    crate::ops::init(role, pair_id);
 }
 
 /// `{"event": name, "at_unix_us": now, "schema": 1, "role": …, "pair_id": …, ...fields}` as one
@@ -51,5 +52,6 @@ pub fn line(name: &str, fields: Value) -> String {
 /// not been read for a while and the queue is full, the line is dropped and counted, and an
 /// `events-dropped` event with the count follows once stdout is writable again.
 pub fn emit(name: &str, fields: Value) {
+    crate::ops::observe(name, &fields);
     output::stdout_line(line(name, fields));
 }

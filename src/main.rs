@@ -11,6 +11,7 @@ mod demo;
 mod events;
 mod guest_report;
 mod hooks;
+mod ops;
 mod output;
 mod signals;
 mod source_cmd;
@@ -96,8 +97,15 @@ fn main() -> ExitCode {
     output::init();
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Source(a) => source_cmd::run(a),
-        Command::Backup(a) => backup_cmd::run(a),
+        Command::Source(a) => {
+            ops::notify::start();
+            source_cmd::run(a)
+        }
+        Command::Backup(a) => {
+            ops::notify::start();
+            backup_cmd::run(a)
+        }
+        Command::Status(a) => status(a),
         Command::Demo(a) => demo::run(a).map(|()| exit::OK).map_err(Failure::runtime),
         Command::Keygen(a) => keygen(a),
     };
@@ -109,8 +117,16 @@ fn main() -> ExitCode {
             f.code
         }
     };
+    ops::notify::stopping();
     output::flush(output::EXIT_FLUSH);
     ExitCode::from(code)
+}
+
+/// `vmm-takeover status`: one JSON object on stdout, or why not (exit 1).
+fn status(a: cli::StatusArgs) -> Result<u8, Failure> {
+    let v = ops::control::ask(&a.control, a.timeout).map_err(Failure::runtime)?;
+    output::stdout_line(format!("{v}\n"));
+    Ok(exit::OK)
 }
 
 /// `vmm-takeover keygen`: a new key file, or one more key in one.

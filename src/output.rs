@@ -301,7 +301,12 @@ pub fn init() {
 
 /// Queues one whole line (ending in `\n`) for stdout; dropped and counted if the queue is full.
 pub fn stdout_line(line: String) {
-    output().stdout.push(line.into_bytes());
+    if !output().stdout.push(line.into_bytes()) {
+        if let Some(o) = crate::ops::get() {
+            o.events_dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Queues one whole line (ending in `\n`) for stderr, beside the log lines.

@@ -219,6 +219,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             listener.set_run_deadline_hook(Box::new(move |d| g.set_run_deadline(d)));
         }
     }
+    let ops = crate::ops::setup(&a.ops, listener.counters(), session.as_ref())?;
     emit(
         "listening",
         json!({"addr": listener.local_addr().to_string(),
@@ -240,6 +241,9 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     let handle = listener.handle();
     let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
     em.add_subscriber(Rc::new(RefCell::new(listener)));
+    for s in ops.subscribers {
+        em.add_subscriber(s);
+    }
     add_guest_report(&mut em, guest)?;
 
     let sigs = Signals::install(Box::new(move |kind| match kind {
@@ -259,6 +263,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
         em.add_subscriber(Rc::new(RefCell::new(w)));
     }
     let code = run_loop(&mut em, &[&exit, &vmm_exit]);
+    drop(ops.control);
     // Stood down, handed off, fenced: the lease goes now rather than at its TTL.
     close_arbiter(session.as_ref());
     code

@@ -8,6 +8,7 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -18,6 +19,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::arbiter::{Acquire, ArbiterError};
 use crate::auth::{BackupHandshake, Credentials, HandshakeFailure, OsEntropy, Reader, Session};
+use crate::counters::LinkCounters;
 use crate::hook::{AbortHandle, TakeoverReason, TakeoverRecord, VmStart};
 use crate::link::backup::{self as machine, Action, Input, Link, Outcome, Phase, Policy, State};
 use crate::link::SocketFailure;
@@ -383,6 +385,7 @@ pub struct BackupMonitor {
     /// The keepalive bound the watchdog enforces, while armed.
     watchdog: Option<Duration>,
     stats: HeartbeatStats,
+    counters: Arc<LinkCounters>,
     record: Option<TakeoverRecord>,
     last_errno: Option<i32>,
     /// Whether the link was armed before the input being handled (for the stop report).
@@ -456,6 +459,7 @@ impl BackupMonitor {
             hello_sent: false,
             watchdog: None,
             stats: HeartbeatStats::default(),
+            counters: Arc::default(),
             record: None,
             last_errno: None,
             was_armed: false,
@@ -505,7 +509,13 @@ impl BackupMonitor {
         self.state
     }
 
-    /// Heartbeats received on the current link and the longest gap between them.
+    /// The counters for metrics (heartbeats received, the gap histogram): lock-free, readable
+    /// from any thread.
+    pub fn counters(&self) -> Arc<LinkCounters> {
+        self.counters.clone()
+    }
+
+    /// What the heartbeats looked like on the current (or last) armed link.
     pub fn heartbeat_stats(&self) -> HeartbeatStats {
         self.stats
     }
@@ -914,6 +924,7 @@ impl BackupMonitor {
             .and_then(|k| k.bound())
             .filter(|_| self.cfg.keepalive_watchdog);
         self.stats = HeartbeatStats::default();
+        self.counters.armed();
         self.last_rx = Instant::now();
         let deadline = self.deadline();
         if deadline.is_some() || self.watchdog.is_some() {
@@ -1262,6 +1273,7 @@ impl BackupMonitor {
                 log::trace!("HEARTBEAT {seq}");
                 let now = Instant::now();
                 self.stats.record(now - self.last_rx);
+                self.counters.received(now - self.last_rx, self.deadline());
                 self.last_rx = now;
                 (Input::Heartbeat, None)
             }

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The receiving end, owned by the subscriber, which registers [`Mailbox::as_raw_fd`].
 #[derive(Debug)]
-pub(crate) struct Mailbox<T> {
+pub struct Mailbox<T> {
     rx: mpsc::Receiver<T>,
     tx: mpsc::Sender<T>,
     evt: Arc<EventFd>,
@@ -20,7 +20,7 @@ pub(crate) struct Mailbox<T> {
 
 /// A sending end: cheap to clone, `Send`, never blocks.
 #[derive(Debug)]
-pub(crate) struct Sender<T> {
+pub struct Sender<T> {
     tx: mpsc::Sender<T>,
     evt: Arc<EventFd>,
 }
@@ -36,7 +36,7 @@ impl<T> Clone for Sender<T> {
 
 impl<T> Mailbox<T> {
     /// A mailbox with a non-blocking, close-on-exec eventfd (hook children never inherit it).
-    pub(crate) fn new() -> io::Result<Self> {
+    pub fn new() -> io::Result<Self> {
         let evt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let (tx, rx) = mpsc::channel();
         Ok(Mailbox {
@@ -47,7 +47,7 @@ impl<T> Mailbox<T> {
     }
 
     /// A sending end.
-    pub(crate) fn sender(&self) -> Sender<T> {
+    pub fn sender(&self) -> Sender<T> {
         Sender {
             tx: self.tx.clone(),
             evt: self.evt.clone(),
@@ -55,7 +55,7 @@ impl<T> Mailbox<T> {
     }
 
     /// Clears the wake-up and returns what is queued. Called when the eventfd is readable.
-    pub(crate) fn drain(&self) -> Vec<T> {
+    pub fn drain(&self) -> Vec<T> {
         let _ = self.evt.read();
         self.rx.try_iter().collect()
     }
@@ -69,7 +69,7 @@ impl<T> AsRawFd for Mailbox<T> {
 
 impl<T> Sender<T> {
     /// Queues `msg` and wakes the loop. `false` when the subscriber is gone.
-    pub(crate) fn send(&self, msg: T) -> bool {
+    pub fn send(&self, msg: T) -> bool {
         if self.tx.send(msg).is_err() {
             return false;
         }

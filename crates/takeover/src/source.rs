@@ -30,6 +30,7 @@ use crate::arbiter::{Acquire, ArbiterError};
 use crate::auth::{
     self, AwaitingAuth, Credentials, OsEntropy, Reader, Session, SourceHandshake, WelcomeInfo,
 };
+use crate::counters::{Closed, LinkCounters, RejectKind};
 use crate::hook::{AbortHandle, VmPause};
 use crate::link::source::{
     self as machine, Action, Conn as ConnState, ConnAction, ConnInput, HandoffStatus, Input,
@@ -411,6 +412,8 @@ struct Conn {
     arbiter_ok: Option<bool>,
     /// The last REJECT/EVICT/close reason, for the report.
     why: String,
+    /// The REJECT code it was refused with, for the rejection counter.
+    refused: Option<RejectCode>,
 }
 
 /// The source's event-manager subscriber.
@@ -468,6 +471,7 @@ pub struct SourceListener {
     lost_backups: std::collections::HashSet<String>,
     /// Rate limit of `BackupRejected` reports.
     rejects: RateLimit,
+    counters: Arc<LinkCounters>,
     /// Failed handshakes per remote address in the current second: an address past
     /// [`PENALTY_FAILURES`] has its new connections closed at once until the second is over.
     penalty: std::collections::HashMap<std::net::IpAddr, (Instant, u32)>,
@@ -572,6 +576,7 @@ impl SourceListener {
             next_beat: None,
             lost_backups: Default::default(),
             rejects: RateLimit::default(),
+            counters: Arc::default(),
             penalty: Default::default(),
             run_deadline_hook: None,
         })
@@ -580,6 +585,12 @@ impl SourceListener {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The counters for metrics (heartbeats sent, rejections by kind): lock-free, readable from
+    /// any thread.
+    pub fn counters(&self) -> Arc<LinkCounters> {
+        self.counters.clone()
     }
 
     /// Backups that completed the handshake and are still connected.
@@ -1252,15 +1263,23 @@ impl SourceListener {
             Some(Hs::Auth(aw)) => aw.reject(code, &why),
             _ => auth::unauthenticated_reject(code, &why),
         };
-        self.reject_with(ops, idx, &bytes, why);
+        self.reject_with(ops, idx, &bytes, code, why);
     }
 
-    /// Writes `bytes` (a REJECT) to a connection that never armed, and closes it.
-    fn reject_with(&mut self, ops: &mut EventOps, idx: usize, bytes: &[u8], why: String) {
+    /// Writes `bytes` (a REJECT with `code`) to a connection that never armed, and closes it.
+    fn reject_with(
+        &mut self,
+        ops: &mut EventOps,
+        idx: usize,
+        bytes: &[u8],
+        code: RejectCode,
+        why: String,
+    ) {
         if let Some(c) = self.conns[idx].as_mut() {
             // Best effort: the peer may be no backup at all; it never armed, so a reset is fine.
             let _ = (&c.sock).write(bytes);
             c.why = why;
+            c.refused = Some(code);
         }
         self.conn_input(ops, idx, ConnInput::HelloBad, String::new());
     }
@@ -1301,7 +1320,8 @@ impl SourceListener {
             Some(ConnAction::Reject) => {
                 let c = self.conns[idx].as_ref().expect("present");
                 let (peer, why) = (c.peer, c.why.clone());
-                self.report_rejected(peer, why);
+                let kind = RejectKind::Code(c.refused.unwrap_or(RejectCode::Malformed));
+                self.report_rejected(peer, kind, why);
             }
             Some(ConnAction::Evict) => {
                 let why = self.conns[idx]
@@ -1328,7 +1348,17 @@ impl SourceListener {
                 let c = self.conns[idx].as_ref().expect("present");
                 let (peer, why) = (c.peer, c.why.clone());
                 match before {
-                    ConnState::Handshaking => self.report_rejected(peer, why),
+                    ConnState::Handshaking => {
+                        let kind = match (c.refused, input) {
+                            (Some(code), _) => RejectKind::Code(code),
+                            (None, ConnInput::Eof) => RejectKind::Closed(Closed::Closed),
+                            (None, ConnInput::HandshakeTimeout) => {
+                                RejectKind::Closed(Closed::Timeout)
+                            }
+                            (None, _) => RejectKind::Closed(Closed::Error),
+                        };
+                        self.report_rejected(peer, kind, why);
+                    }
                     ConnState::Closing => {
                         debug!("backup {peer} closed after being told to go");
                         if c.stood_down && self.state == State::StoodDown {
@@ -1377,7 +1407,9 @@ impl SourceListener {
         self.check_drained();
     }
 
-    fn report_rejected(&mut self, peer: SocketAddr, why: String) {
+    fn report_rejected(&mut self, peer: SocketAddr, kind: RejectKind, why: String) {
+        // Counted whether or not the report is rate-limited away.
+        self.counters.rejected(kind);
         if let Some(suppressed) = self.rejects.allow(Instant::now()) {
             warn!("backup {peer} rejected: {why} ({suppressed} more not reported)");
             (self.observer)(&SourceNotice::BackupRejected {
@@ -1595,6 +1627,7 @@ impl SourceListener {
             // Closed unread (a reset): the address keeps failing handshakes.
             self.report_rejected(
                 peer,
+                RejectKind::Closed(Closed::Flood),
                 format!(
                     "{} failed {PENALTY_FAILURES} handshakes within a second: closed at once \
                      for the rest of it",
@@ -1608,7 +1641,7 @@ impl SourceListener {
         if self.joined >= self.cfg.max_backups {
             let why = format!("at the limit of {} backups", self.cfg.max_backups);
             let _ = (&sock).write(&auth::unauthenticated_reject(RejectCode::Busy, &why));
-            self.report_rejected(peer, why);
+            self.report_rejected(peer, RejectKind::Code(RejectCode::Busy), why);
             return;
         }
         let from_peer = self
@@ -1624,7 +1657,7 @@ impl SourceListener {
                 peer.ip()
             );
             let _ = (&sock).write(&auth::unauthenticated_reject(RejectCode::Busy, &why));
-            self.report_rejected(peer, why);
+            self.report_rejected(peer, RejectKind::Code(RejectCode::Busy), why);
             return;
         }
         if self.handshaking >= self.cfg.max_pending {
@@ -1672,6 +1705,7 @@ impl SourceListener {
             stood_down: false,
             arbiter_ok: None,
             why: String::new(),
+            refused: None,
         });
         self.handshaking += 1;
         self.arm_sweep();
@@ -1765,7 +1799,8 @@ impl SourceListener {
                     Err(e) => {
                         c.hs = Hs::Hello;
                         let why = e.to_string();
-                        return self.reject_with(ops, idx, &auth::reject_for_error(&e), why);
+                        let code = e.reject_code();
+                        return self.reject_with(ops, idx, &auth::reject_for_error(&e), code, why);
                     }
                 };
                 let node = hs.peer_node().to_string();
@@ -1790,7 +1825,7 @@ impl SourceListener {
                 };
                 if let Some((code, why)) = refusal {
                     let bytes = hs.reject(code, why);
-                    return self.reject_with(ops, idx, &bytes, why.to_string());
+                    return self.reject_with(ops, idx, &bytes, code, why.to_string());
                 }
                 let info = WelcomeInfo {
                     heartbeat: self.cfg.heartbeat,
@@ -1835,7 +1870,8 @@ impl SourceListener {
         }
         debug!("handshake error from {}: {e}", c.peer);
         let why = e.to_string();
-        self.reject_with(ops, idx, &auth::reject_for_error(&e), why);
+        let code = e.reject_code();
+        self.reject_with(ops, idx, &auth::reject_for_error(&e), code, why);
     }
 
     /// The handshake failed after WELCOME: the same answer whatever failed, after the same
@@ -1956,6 +1992,7 @@ impl SourceListener {
         let limit = self.cfg.slow_unsent;
         let mut notices = Vec::new();
         let mut pending = Vec::new();
+        let mut sent = 0;
         for (idx, c) in self
             .conns
             .iter_mut()
@@ -2028,20 +2065,25 @@ impl SourceListener {
             // protocol violation at the backup).
             let bytes = session.seal_heartbeat(self.seq);
             match (&c.sock).write(&bytes) {
-                Ok(n) if n == bytes.len() => {}
+                Ok(n) if n == bytes.len() => sent += 1,
                 // A frame is never cut: the rest waits in the outbox (and further heartbeats are
                 // skipped until it is out).
                 Ok(n) => {
                     c.outbox.extend_from_slice(&bytes[n..]);
                     pending.push(idx);
+                    sent += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     c.outbox.extend_from_slice(&bytes);
                     pending.push(idx);
+                    sent += 1;
                 }
                 // The reading side sees the same error and reports it.
                 Err(e) => debug!("heartbeat to {}: {e}", c.peer),
             }
+        }
+        if sent > 0 {
+            self.counters.sent(sent);
         }
         for n in &notices {
             match n {
@@ -2091,7 +2133,8 @@ impl SourceListener {
             });
             if let Some(why) = failed {
                 let (bytes, _) = auth::auth_failure_answer();
-                self.reject_with(ops, idx, bytes, format!("authentication failed: {why}"));
+                let why = format!("authentication failed: {why}");
+                self.reject_with(ops, idx, bytes, RejectCode::Auth, why);
                 continue;
             }
             match state {

@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `--control PATH`: a Unix socket (mode 0600) on which `vmm-takeover status` asks a running
+//! process for its state.
+//!
+//! A thread accepts and reads the request; the call reaches the loop through the core's
+//! [`Mailbox`] (a channel plus an `EventFd`), the loop answers from its own state, and the
+//! thread writes the answer. So the answer is also proof that the loop turns: a loop that does
+//! not answer within [`LOOP_DEADLINE`] is reported as such. Requests are served one at a time,
+//! which bounds what a flood of calls can cost the loop to one answer at a time.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{debug, error};
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::EventSet;
+use vmm_takeover_core::mailbox::{Mailbox, Sender};
+
+use super::Ops;
+
+/// How long the thread waits for the loop's answer.
+pub const LOOP_DEADLINE: Duration = Duration::from_secs(1);
+/// How long a client may take to send its request or to take the answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Another live process answers on the path.
+    #[error("{0}: another process is listening on this control socket")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket: never removed.
+    #[error("{0}: exists and is not a socket; choose another --control path")]
+    NotASocket(PathBuf),
+    /// Binding or setting it up failed.
+    #[error("{path}: cannot open the control socket: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+}
+
+/// A call for the loop: answer on `reply`.
+pub struct Call {
+    reply: mpsc::Sender<Value>,
+}
+
+/// The loop's side: answers calls from [`Ops`].
+pub struct Responder {
+    mailbox: Mailbox<Call>,
+    ops: &'static Ops,
+}
+
+impl Responder {
+    /// A responder and the sending end for the control thread.
+    pub fn new(ops: &'static Ops) -> io::Result<(Responder, Sender<Call>)> {
+        let mailbox = Mailbox::new()?;
+        let tx = mailbox.sender();
+        Ok((Responder { mailbox, ops }, tx))
+    }
+}
+
+impl MutEventSubscriber for Responder {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.mailbox, EventSet::IN)) {
+            error!(
+                "cannot register the control mailbox {}: {e:?}",
+                self.mailbox.as_raw_fd()
+            );
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        for call in self.mailbox.drain() {
+            let _ = call.reply.send(self.ops.status_json());
+        }
+    }
+}
+
+/// The open control socket: its file goes when this is dropped (at exit).
+#[derive(Debug)]
+pub struct Socket(PathBuf);
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Opens `path` (mode 0600; a stale socket left by a dead process is replaced) and serves it
+/// from a thread.
+pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        Ok(_) => return Err(Error::NotASocket(path.to_path_buf())),
+        Err(_) => {}
+    }
+    // Bound with a umask that leaves only the owner's bits, so that the socket is never
+    // reachable by others, not even for a moment before a chmod.
+    // SAFETY: umask only swaps the process's file mode mask; it cannot fail.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = bound.map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in l.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = serve(c, &loop_tx) {
+                            debug!("control call: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        debug!("control accept: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map_err(io)?;
+    Ok(Socket(path.to_path_buf()))
+}
+
+fn serve(c: UnixStream, loop_tx: &Sender<Call>) -> io::Result<()> {
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut line = String::new();
+    // A request is one short line.
+    BufReader::new(io::Read::take(&c, 256)).read_line(&mut line)?;
+    let answer = match line.trim() {
+        "status" => {
+            let (tx, rx) = mpsc::channel();
+            let asked = Instant::now();
+            if !loop_tx.send(Call { reply: tx }) {
+                json!({"error": "the event loop has ended"})
+            } else {
+                match rx.recv_timeout(LOOP_DEADLINE) {
+                    Ok(mut v) => {
+                        v["loop_answer_us"] = Value::from(asked.elapsed().as_micros() as u64);
+                        v
+                    }
+                    Err(_) => json!({"error": format!(
+                        "the event loop did not answer within {LOOP_DEADLINE:?}: it is hung or \
+                         overloaded")}),
+                }
+            }
+        }
+        other => json!({"error": format!("unknown request {other:?}; the only request is status")}),
+    };
+    let mut out = answer.to_string();
+    out.push('\n');
+    (&c).write_all(out.as_bytes())
+}
+
+/// `vmm-takeover status`: asks the process on `path` and returns its answer.
+pub fn ask(path: &Path, timeout: Duration) -> Result<Value, String> {
+    let c = UnixStream::connect(path).map_err(|e| {
+        format!(
+            "cannot reach {}: {e} (is a source or backup running with --control {}?)",
+            path.display(),
+            path.display()
+        )
+    })?;
+    c.set_read_timeout(Some(timeout))
+        .and_then(|()| c.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    (&c).write_all(b"status\n")
+        .map_err(|e| format!("{}: cannot send the request: {e}", path.display()))?;
+    let mut line = String::new();
+    BufReader::new(&c)
+        .read_line(&mut line)
+        .map_err(|e| format!("{}: no answer within {timeout:?}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(line.trim())
+        .map_err(|e| format!("{}: not a status answer ({e}): {line:?}", path.display()))?;
+    match v.get("error").and_then(Value::as_str) {
+        Some(e) => Err(format!("{}: {e}", path.display())),
+        None => Ok(v),
+    }
+}

@@ -1,0 +1,488 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Operations: what a running process tells its supervisor (systemd), its monitoring
+//! (Prometheus) and its operator (`status`).
+//!
+//! One arrow in: every lifecycle event passes through [`observe`] (called by
+//! [`crate::events::emit`], on the loop), which keeps [`Ops`] up to date with atomics only. The
+//! heartbeat counters come from the core's [`LinkCounters`]. Everything that talks to the
+//! outside (the notify socket, the metrics listener, the control socket) runs on its own thread
+//! and reads these; none of it can hold up the loop.
+
+pub mod control;
+pub mod metrics;
+pub mod notify;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use vmm_takeover_core::hook::TakeoverReason;
+use vmm_takeover_core::{ArbiterSession, LinkCounters};
+
+/// Where a process is, as `status`, `STATUS=` and the `link_state` metric name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum LinkState {
+    /// Set up, loop not yet running.
+    Starting = 0,
+    /// Source: listening, no backup armed: the guest is not protected.
+    Unprotected,
+    /// Source: at least one backup armed.
+    Protected,
+    /// Source: SIGUSR1 taken, handoff under way.
+    HandingOff,
+    /// Source: STAND_DOWN sent, waiting for the backups to close.
+    Stopping,
+    /// Backup: dialling or redialling the source.
+    Connecting,
+    /// Backup: the link is armed (a loss is a verdict).
+    Armed,
+    /// Backup: the link was lost; the arbiter decides.
+    Arbitrating,
+    /// Backup: takeover decided, `vm_start` runs.
+    TakingOver,
+    /// Backup: the standby guest runs here.
+    Running,
+    /// Done: stood down, handed off, stopped.
+    Done,
+    /// Ended on a failure or uncertainty: fenced, rejected, hook failed, handoff uncertain.
+    Failed,
+}
+
+impl LinkState {
+    /// Every state, in order.
+    pub const ALL: [LinkState; 12] = [
+        LinkState::Starting,
+        LinkState::Unprotected,
+        LinkState::Protected,
+        LinkState::HandingOff,
+        LinkState::Stopping,
+        LinkState::Connecting,
+        LinkState::Armed,
+        LinkState::Arbitrating,
+        LinkState::TakingOver,
+        LinkState::Running,
+        LinkState::Done,
+        LinkState::Failed,
+    ];
+
+    /// The name in `status` and in the metric's `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Starting => "starting",
+            LinkState::Unprotected => "unprotected",
+            LinkState::Protected => "protected",
+            LinkState::HandingOff => "handing-off",
+            LinkState::Stopping => "stopping",
+            LinkState::Connecting => "connecting",
+            LinkState::Armed => "armed",
+            LinkState::Arbitrating => "arbitrating",
+            LinkState::TakingOver => "taking-over",
+            LinkState::Running => "running",
+            LinkState::Done => "done",
+            LinkState::Failed => "failed",
+        }
+    }
+
+    /// The states a role can be in (the metric lists these).
+    pub fn of_role(role: &str) -> &'static [LinkState] {
+        use LinkState::*;
+        if role == "source" {
+            &[
+                Starting,
+                Unprotected,
+                Protected,
+                HandingOff,
+                Stopping,
+                Done,
+                Failed,
+            ]
+        } else {
+            &[
+                Starting,
+                Connecting,
+                Armed,
+                Arbitrating,
+                TakingOver,
+                Running,
+                Done,
+                Failed,
+            ]
+        }
+    }
+
+    fn from_u8(v: u8) -> LinkState {
+        LinkState::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(LinkState::Failed)
+    }
+}
+
+/// An optional number kept in an atomic (`u64::MAX` = none).
+#[derive(Debug)]
+pub struct Maybe(AtomicU64);
+
+impl Default for Maybe {
+    fn default() -> Self {
+        Maybe(AtomicU64::new(u64::MAX))
+    }
+}
+
+impl Maybe {
+    fn set(&self, v: u64) {
+        self.0.store(v.min(u64::MAX - 1), Relaxed);
+    }
+
+    /// The value, if one was set.
+    pub fn get(&self) -> Option<u64> {
+        Some(self.0.load(Relaxed)).filter(|&v| v != u64::MAX)
+    }
+}
+
+/// What the process is and has done, for status and metrics (see the module docs).
+#[derive(Debug)]
+pub struct Ops {
+    /// `source` or `backup`.
+    pub role: &'static str,
+    /// The pair id.
+    pub pair_id: String,
+    /// When the process started.
+    pub started: Instant,
+    state: AtomicU8,
+    /// When the state last changed, µs since the Unix epoch.
+    pub state_since_unix_us: AtomicU64,
+    /// Source: backups armed now.
+    pub backups: AtomicU64,
+    /// Links armed (source: backups joined) since start.
+    pub links_armed: AtomicU64,
+    /// Backup: when the current link armed, µs since the Unix epoch.
+    pub armed_since_unix_us: Maybe,
+    /// Takeovers per [`TakeoverReason::ALL`] index.
+    pub takeovers: [AtomicU64; 7],
+    /// The last takeover: from the source's last sign of life (last heartbeat, or arming) to the
+    /// verdict, µs.
+    pub last_detection_us: Maybe,
+    /// The last `vm_start`, µs.
+    pub last_vm_start_us: Maybe,
+    /// The arbiter's fencing epoch held (source) or won (backup).
+    pub epoch: Maybe,
+    /// Event lines dropped because stdout was not read (counted by [`crate::output`]).
+    pub events_dropped: AtomicU64,
+    /// The local guest, from the `guest` events.
+    pub guest_running: AtomicBool,
+    /// Its counter.
+    pub guest_counter: Maybe,
+    /// Its kind, once reported.
+    pub guest_kind: OnceLock<String>,
+    /// The core's counters, once the subscriber exists.
+    pub counters: OnceLock<Arc<LinkCounters>>,
+    /// The arbiter session, with `--arbiter`.
+    pub session: OnceLock<ArbiterSession>,
+    ready_sent: AtomicBool,
+}
+
+static OPS: OnceLock<Ops> = OnceLock::new();
+
+/// Sets up the process's [`Ops`] (once, with the event context).
+pub fn init(role: &'static str, pair_id: &str) {
+    let _ = OPS.set(Ops {
+        role,
+        pair_id: pair_id.to_string(),
+        started: Instant::now(),
+        state: AtomicU8::new(LinkState::Starting as u8),
+        state_since_unix_us: AtomicU64::new(now_us()),
+        backups: AtomicU64::new(0),
+        links_armed: AtomicU64::new(0),
+        armed_since_unix_us: Maybe::default(),
+        takeovers: Default::default(),
+        last_detection_us: Maybe::default(),
+        last_vm_start_us: Maybe::default(),
+        epoch: Maybe::default(),
+        events_dropped: AtomicU64::new(0),
+        guest_running: AtomicBool::new(false),
+        guest_counter: Maybe::default(),
+        guest_kind: OnceLock::new(),
+        counters: OnceLock::new(),
+        session: OnceLock::new(),
+        ready_sent: AtomicBool::new(false),
+    });
+}
+
+/// The process's [`Ops`], once [`init`] ran (not for `keygen`, `demo`).
+pub fn get() -> Option<&'static Ops> {
+    OPS.get()
+}
+
+fn now_us() -> u64 {
+    crate::events::unix_us(std::time::SystemTime::now())
+}
+
+impl Ops {
+    /// The current state.
+    pub fn state(&self) -> LinkState {
+        LinkState::from_u8(self.state.load(Relaxed))
+    }
+
+    fn set_state(&self, s: LinkState) {
+        if self.state.swap(s as u8, Relaxed) != s as u8 {
+            self.state_since_unix_us.store(now_us(), Relaxed);
+            notify::status(&self.status_line());
+        }
+    }
+
+    /// One line for systemd's `STATUS=`: the state and what it means.
+    pub fn status_line(&self) -> String {
+        let s = self.state();
+        match (self.role, s) {
+            ("source", LinkState::Unprotected) => {
+                "unprotected: listening, no backup armed".to_string()
+            }
+            ("source", LinkState::Protected) => {
+                format!("protected: {} backup(s) armed", self.backups.load(Relaxed))
+            }
+            _ => s.as_str().to_string(),
+        }
+    }
+
+    /// Lease time left, with an arbiter (`None`: no arbiter; `Some(0)`: lost).
+    pub fn lease_left_ms(&self) -> Option<u64> {
+        let s = self.session.get()?;
+        Some(s.valid_until().map_or(0, |t| {
+            t.saturating_duration_since(Instant::now()).as_millis() as u64
+        }))
+    }
+
+    /// The state as `status` answers it.
+    pub fn status_json(&self) -> Value {
+        let c = self.counters.get();
+        let gaps = c.map(|c| c.gaps());
+        let takeovers: serde_json::Map<String, Value> = TakeoverReason::ALL
+            .iter()
+            .zip(&self.takeovers)
+            .filter(|(_, n)| n.load(Relaxed) > 0)
+            .map(|(r, n)| (r.as_str().to_string(), Value::from(n.load(Relaxed))))
+            .collect();
+        json!({
+            "role": self.role,
+            "pair_id": self.pair_id,
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "protocol": vmm_takeover_core::auth::VERSION,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "state": self.state().as_str(),
+            "state_since_unix_us": self.state_since_unix_us.load(Relaxed),
+            "backups": (self.role == "source").then(|| self.backups.load(Relaxed)),
+            "links_armed": self.links_armed.load(Relaxed),
+            "armed_since_unix_us": self.armed_since_unix_us.get(),
+            "last_heartbeat_unix_us": c.map(|c| c.last_heartbeat_unix_us()).filter(|&t| t > 0),
+            "heartbeats_sent": c.map(|c| c.heartbeats_sent()),
+            "heartbeats_received": c.map(|c| c.heartbeats_received()),
+            "heartbeat_gap_max_ratio": gaps.map(|g| g.max),
+            "takeovers": takeovers,
+            "lease": self.session.get().map(|s| json!({
+                "arbiter": s.describe(),
+                "holder": s.holder(),
+                "epoch": self.epoch.get(),
+                "ttl_ms": s.ttl().as_millis() as u64,
+                "left_ms": self.lease_left_ms(),
+            })),
+            "guest": self.guest_kind.get().map(|k| json!({
+                "kind": k,
+                "running": self.guest_running.load(Relaxed),
+                "counter": self.guest_counter.get(),
+            })),
+            "events_dropped": self.events_dropped.load(Relaxed),
+        })
+    }
+
+    fn ready(&self) {
+        if !self.ready_sent.swap(true, Relaxed) {
+            notify::ready(&self.status_line());
+        }
+    }
+}
+
+/// Every lifecycle event passes here before it is printed (on the loop, or on the thread that
+/// reports a hook's end): only atomics are touched.
+pub fn observe(name: &str, f: &Value) {
+    let Some(o) = OPS.get() else {
+        return;
+    };
+    let u = |k: &str| f.get(k).and_then(Value::as_u64);
+    use LinkState::*;
+    match name {
+        // Source.
+        "listening" => {
+            o.set_state(if o.backups.load(Relaxed) > 0 {
+                Protected
+            } else {
+                Unprotected
+            });
+            o.ready();
+        }
+        "owner" => {
+            if let Some(e) = u("epoch") {
+                o.epoch.set(e);
+            }
+        }
+        "backup-joined" => {
+            o.links_armed.fetch_add(1, Relaxed);
+            o.backups.fetch_add(1, Relaxed);
+            if o.state() == Unprotected || o.state() == Protected {
+                o.set_state(Protected);
+                notify::status(&o.status_line());
+            }
+        }
+        "backup-lost" | "backup-evicted" => {
+            let _ = o
+                .backups
+                .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(1)));
+            if o.state() == Protected && o.backups.load(Relaxed) == 0 {
+                o.set_state(Unprotected);
+            } else {
+                notify::status(&o.status_line());
+            }
+        }
+        "handoff-requested" => o.set_state(HandingOff),
+        "handoff-failed" => o.set_state(if o.backups.load(Relaxed) > 0 {
+            Protected
+        } else {
+            Unprotected
+        }),
+        "stand-down-sent" => o.set_state(Stopping),
+        "handoff-complete" | "stood-down" => o.set_state(Done),
+        "handoff-uncertain" | "fenced" | "vmm-exited" => o.set_state(Failed),
+        // Backup.
+        "connecting" => o.set_state(Connecting),
+        "retrying" | "link-untrusted" if o.state() != Arbitrating => o.set_state(Connecting),
+        "armed" => {
+            o.links_armed.fetch_add(1, Relaxed);
+            o.armed_since_unix_us.set(
+                f.get("at_unix_us")
+                    .and_then(Value::as_u64)
+                    .unwrap_or_else(now_us),
+            );
+            o.set_state(Armed);
+            o.ready();
+        }
+        "link-lost" => {
+            o.armed_since_unix_us.0.store(u64::MAX, Relaxed);
+            if o.session.get().is_some() {
+                o.set_state(Arbitrating);
+            }
+        }
+        "arbitration-won" => {
+            if let Some(e) = u("epoch") {
+                o.epoch.set(e);
+            }
+        }
+        "takeover" => {
+            let reason = f.get("reason").and_then(Value::as_str).unwrap_or("");
+            if let Some(i) = TakeoverReason::ALL
+                .iter()
+                .position(|r| r.as_str() == reason)
+            {
+                o.takeovers[i].fetch_add(1, Relaxed);
+            }
+            if let Some(e) = u("epoch") {
+                o.epoch.set(e);
+            }
+            // From the last sign of the source to the verdict.
+            if let Some(at) = u("detected_at_unix_us") {
+                let last = o
+                    .counters
+                    .get()
+                    .map(|c| c.last_heartbeat_unix_us())
+                    .filter(|&t| t > 0)
+                    .into_iter()
+                    .chain(u("armed_at_unix_us"))
+                    .max();
+                if let Some(last) = last {
+                    o.last_detection_us.set(at.saturating_sub(last));
+                }
+            }
+            o.set_state(TakingOver);
+        }
+        "vm-started" => {
+            if let Some(t) = u("took_us") {
+                o.last_vm_start_us.set(t);
+            }
+            o.set_state(Running);
+        }
+        "vm-start-failed" | "hook-timeout" | "rejected" | "arbitration-lost" => {
+            if let Some(t) = u("took_us") {
+                o.last_vm_start_us.set(t);
+            }
+            o.set_state(Failed);
+        }
+        "stand-down" => o.set_state(Done),
+        "stopped" if o.state() != Running => o.set_state(Done),
+        // Both.
+        "guest" => {
+            if let Some(k) = f.get("kind").and_then(Value::as_str) {
+                let _ = o.guest_kind.set(k.to_string());
+            }
+            o.guest_running.store(
+                f.get("running").and_then(Value::as_bool).unwrap_or(false),
+                Relaxed,
+            );
+            if let Some(c) = u("counter") {
+                o.guest_counter.set(c);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What [`setup`] started: the loop's subscribers to add, and the control socket to remove at
+/// exit.
+pub struct Started {
+    /// Subscribers for the loop: the watchdog (under systemd) and the control responder.
+    pub subscribers: Vec<crate::Subscriber>,
+    /// The control socket, removed when dropped.
+    pub control: Option<control::Socket>,
+}
+
+/// Starts what `--metrics`/`--control` and systemd ask for, once the subscriber exists (its
+/// counters are read by the metrics) and before the first `listening`/`armed`.
+pub fn setup(
+    a: &crate::cli::OpsArgs,
+    counters: Arc<LinkCounters>,
+    session: Option<&ArbiterSession>,
+) -> Result<Started, crate::Failure> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let o = get().ok_or_else(|| crate::Failure::runtime("internal: ops used before init"))?;
+    let _ = o.counters.set(counters);
+    if let Some(s) = session {
+        let _ = o.session.set(s.clone());
+    }
+    let mut subscribers: Vec<crate::Subscriber> = Vec::new();
+    if let Some(w) = notify::Watchdog::from_env() {
+        subscribers.push(Rc::new(RefCell::new(w)));
+    }
+    if let Some(addr) = a.metrics {
+        let local = metrics::start(addr, o).map_err(|e| {
+            crate::Failure::runtime(format!("--metrics {addr}: cannot listen: {e}"))
+        })?;
+        crate::events::emit("metrics", json!({"addr": local.to_string()}));
+    }
+    let control = match &a.control {
+        None => None,
+        Some(path) => {
+            let (responder, tx) = control::Responder::new(o)
+                .map_err(|e| crate::Failure::runtime(format!("control mailbox: {e}")))?;
+            let socket =
+                control::start(path, tx).map_err(|e| crate::Failure::runtime(e.to_string()))?;
+            subscribers.push(Rc::new(RefCell::new(responder)));
+            crate::events::emit("control", json!({"path": path.display().to_string()}));
+            Some(socket)
+        }
+    };
+    Ok(Started {
+        subscribers,
+        control,
+    })
+}
