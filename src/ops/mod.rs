@@ -353,7 +353,14 @@ pub fn observe(name: &str, f: &Value) {
         }),
         "stand-down-sent" => o.set_state(Stopping),
         "handoff-complete" | "stood-down" => o.set_state(Done),
-        "handoff-uncertain" | "fenced" | "vmm-exited" => o.set_state(Failed),
+        "handoff-uncertain" | "vmm-exited" => o.set_state(Failed),
+        "fenced" => {
+            if let Some(r) = f.get("guest_running").and_then(Value::as_bool) {
+                o.guest_running.store(r, Relaxed);
+            }
+            o.set_state(Failed);
+        }
+        "handoff-paused" => o.guest_running.store(false, Relaxed),
         // Backup.
         "connecting" => o.set_state(Connecting),
         "retrying" | "link-untrusted" if o.state() != Arbitrating => o.set_state(Connecting),
@@ -408,6 +415,13 @@ pub fn observe(name: &str, f: &Value) {
         "vm-started" => {
             if let Some(t) = u("took_us") {
                 o.last_vm_start_us.set(t);
+            }
+            // A local guest runs from now on (its next `guest` report may be 500 ms away).
+            if o.guest_kind.get().is_some() {
+                o.guest_running.store(true, Relaxed);
+            }
+            if let Some(c) = u("guest_counter") {
+                o.guest_counter.set(c);
             }
             o.set_state(Running);
         }
