@@ -178,6 +178,19 @@ fn scrape(addr: &str) -> String {
     s
 }
 
+/// Scrapes until `pred` holds (bounded); returns that scrape.
+fn scrape_until(addr: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let s = scrape(addr);
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "never held; last scrape:\n{s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The value of the sample whose line starts with `prefix` (name and labels), if present.
 fn sample(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
@@ -240,8 +253,11 @@ fn metrics_show_heartbeats_rejections_and_the_takeover_with_its_reason() {
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     source.wait_event("backup-rejected", EVENT_TIMEOUT);
 
-    let s = scrape(&src_metrics);
     let lbl = r#"{role="source",pair="m1""#;
+    // Once the first heartbeats went out.
+    let s = scrape_until(&src_metrics, |s| {
+        sample(s, &format!("vmm_takeover_heartbeats_sent_total{lbl}}}")) > Some(0.0)
+    });
     assert_eq!(
         sample(
             &s,
@@ -266,8 +282,10 @@ fn metrics_show_heartbeats_rejections_and_the_takeover_with_its_reason() {
     assert_eq!(rejected("closed"), Some(1.0), "{s}");
     assert_eq!(rejected("malformed"), Some(1.0), "{s}");
     assert_eq!(rejected("auth"), Some(0.0), "{s}");
-    let b = scrape(&b_metrics);
     let blbl = r#"{role="backup",pair="m1""#;
+    let b = scrape_until(&b_metrics, |s| {
+        sample(s, &format!("vmm_takeover_heartbeats_received_total{blbl}}}")) > Some(0.0)
+    });
     assert!(
         sample(
             &b,
@@ -280,7 +298,6 @@ fn metrics_show_heartbeats_rejections_and_the_takeover_with_its_reason() {
     assert!(max > 0.0 && max < 1.0, "gap ratio {max}");
     assert!(b.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
 
-    let mut source = source;
     source.signal(libc::SIGKILL);
     backup.wait_event("vm-started", EVENT_TIMEOUT);
     let b = scrape(&b_metrics);
@@ -423,7 +440,7 @@ fn a_real_prometheus_scrapes_both_sides_through_a_takeover() {
     {
         return skip("prometheus is not installed (Debian package `prometheus`)");
     }
-    let (mut source, backup, _) = armed_pair(
+    let (source, backup, _) = armed_pair(
         "pm1",
         &["--heartbeat", "10ms", "--metrics", "127.0.0.1:0"],
         &["--vm", "simulated", "--metrics", "127.0.0.1:0"],
@@ -540,7 +557,7 @@ fn scrapers_that_never_read_or_never_ask_do_not_delay_heartbeats() {
 fn status_tells_role_state_heartbeats_and_guest_through_the_loop() {
     let dir = TempDir::new("st1");
     let (sctl, bctl) = (dir.path("source.sock"), dir.path("backup.sock"));
-    let (mut source, backup, _) = armed_pair(
+    let (source, backup, _) = armed_pair(
         "st1",
         &[
             "--heartbeat",
@@ -686,4 +703,67 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+fn tool(name: &str) -> Option<std::path::PathBuf> {
+    ["/usr/bin", "/usr/local/bin", "/bin"]
+        .iter()
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn the_example_alert_rules_load_and_fire_when_they_should() {
+    let Some(promtool) = tool("promtool") else {
+        return skip("promtool is not installed (Debian package `prometheus`)");
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prometheus");
+    for args in [&["check", "rules", "alerts.yml"][..], &["test", "rules", "alerts_test.yml"]] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        return skip("systemd-analyze is not installed (Debian package `systemd`)");
+    };
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    let dir = TempDir::new("units");
+    let bin = common::bin();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        // verify wants the ExecStart binary to exist: the one under test stands in.
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("/usr/local/bin/vmm-takeover", bin.to_str().unwrap());
+        assert!(text.contains("Type=notify") && text.contains("WatchdogSec="), "{name}");
+        std::fs::write(dir.path(&name), text).unwrap();
+        names.push(dir.path(&name.replace("@.", "@vm1.")));
+    }
+    assert_eq!(names.len(), 2, "a source and a backup template");
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg("--man=no")
+        .args(&names)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
