@@ -284,7 +284,10 @@ fn metrics_show_heartbeats_rejections_and_the_takeover_with_its_reason() {
     assert_eq!(rejected("auth"), Some(0.0), "{s}");
     let blbl = r#"{role="backup",pair="m1""#;
     let b = scrape_until(&b_metrics, |s| {
-        sample(s, &format!("vmm_takeover_heartbeats_received_total{blbl}}}")) > Some(0.0)
+        sample(
+            s,
+            &format!("vmm_takeover_heartbeats_received_total{blbl}}}"),
+        ) > Some(0.0)
     });
     assert!(
         sample(
@@ -718,7 +721,10 @@ fn the_example_alert_rules_load_and_fire_when_they_should() {
         return skip("promtool is not installed (Debian package `prometheus`)");
     };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/prometheus");
-    for args in [&["check", "rules", "alerts.yml"][..], &["test", "rules", "alerts_test.yml"]] {
+    for args in [
+        &["check", "rules", "alerts.yml"][..],
+        &["test", "rules", "alerts_test.yml"],
+    ] {
         let out = Command::new(&promtool)
             .args(args)
             .current_dir(&dir)
@@ -749,7 +755,10 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         let text = std::fs::read_to_string(&p)
             .unwrap()
             .replace("/usr/local/bin/vmm-takeover", bin.to_str().unwrap());
-        assert!(text.contains("Type=notify") && text.contains("WatchdogSec="), "{name}");
+        assert!(
+            text.contains("Type=notify") && text.contains("WatchdogSec="),
+            "{name}"
+        );
         std::fs::write(dir.path(&name), text).unwrap();
         names.push(dir.path(&name.replace("@.", "@vm1.")));
     }
