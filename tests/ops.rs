@@ -502,7 +502,8 @@ fn status_raw(path: &std::path::Path) -> (Value, Duration) {
     let t = Instant::now();
     let mut c = std::os::unix::net::UnixStream::connect(path).unwrap();
     c.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
-    c.write_all(b"status\n").unwrap();
+    // A busy process answers without reading: the answer is still there.
+    let _ = c.write_all(b"status\n");
     let mut line = String::new();
     std::io::BufReader::new(&c).read_line(&mut line).unwrap();
     (serde_json::from_str(&line).unwrap(), t.elapsed())
@@ -656,6 +657,9 @@ fn a_flood_of_status_calls_does_not_disturb_the_heartbeat() {
                 let mut lat = Vec::new();
                 while Instant::now() < end {
                     let (v, took) = status_raw(&ctl);
+                    if v["error"].as_str().is_some_and(|e| e.contains("retry")) {
+                        continue;
+                    }
                     assert_eq!(v["state"], "armed", "{v}");
                     lat.push(took);
                 }

@@ -5,15 +5,17 @@
 //! A thread accepts and reads the request; the call reaches the loop through the core's
 //! [`Mailbox`] (a channel plus an `EventFd`), the loop answers from its own state, and the
 //! thread writes the answer. So the answer is also proof that the loop turns: a loop that does
-//! not answer within [`LOOP_DEADLINE`] is reported as such. Requests are served one at a time,
-//! which bounds what a flood of calls can cost the loop to one answer at a time.
+//! not answer within [`LOOP_DEADLINE`] is reported as such. Calls are served on threads of their
+//! own (a few at once); an answer of the loop younger than 5 ms is given again rather than asked
+//! anew, which bounds what a flood of calls can cost the loop to 200 answers a second.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -95,8 +97,21 @@ impl Drop for Socket {
     }
 }
 
+/// Most calls served at once; beyond it a caller is told to retry.
+const MAX_CALLS: usize = 16;
+/// A loop answer younger than this is given again instead of asking the loop: a flood of calls
+/// costs the loop at most one answer per this interval.
+const FRESH: Duration = Duration::from_millis(5);
+
+/// What the control threads share: the way to the loop and its last answer.
+struct Shared {
+    loop_tx: Mutex<Sender<Call>>,
+    last: Mutex<Option<(Instant, Value)>>,
+    active: AtomicUsize,
+}
+
 /// Opens `path` (mode 0600; a stale socket left by a dead process is replaced) and serves it
-/// from a thread.
+/// from a thread, each call on a thread of its own (at most [`MAX_CALLS`]).
 pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
@@ -121,14 +136,36 @@ pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
     unsafe { libc::umask(old) };
     let l = bound.map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let shared = Arc::new(Shared {
+        loop_tx: Mutex::new(loop_tx),
+        last: Mutex::new(None),
+        active: AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in l.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = serve(c, &loop_tx) {
-                            debug!("control call: {e}");
+                        if shared.active.fetch_add(1, Relaxed) >= MAX_CALLS {
+                            shared.active.fetch_sub(1, Relaxed);
+                            let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
+                            let busy = json!({"error": "too many calls at once; retry"});
+                            let _ = (&c).write_all(format!("{busy}\n").as_bytes());
+                            continue;
+                        }
+                        let sh = shared.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("control-call".into())
+                            .spawn(move || {
+                                if let Err(e) = serve(c, &sh) {
+                                    debug!("control call: {e}");
+                                }
+                                sh.active.fetch_sub(1, Relaxed);
+                            });
+                        if let Err(e) = spawned {
+                            shared.active.fetch_sub(1, Relaxed);
+                            debug!("control: cannot start a call thread: {e}");
                         }
                     }
                     Err(e) => {
@@ -142,30 +179,45 @@ pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
     Ok(Socket(path.to_path_buf()))
 }
 
-fn serve(c: UnixStream, loop_tx: &Sender<Call>) -> io::Result<()> {
+/// The loop's answer, or a fresh enough earlier one.
+fn ask_loop(sh: &Shared) -> Value {
+    // Held while the loop answers: concurrent callers wait for this answer rather than queue
+    // more calls on the loop.
+    let mut last = sh.last.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, v)) = &*last {
+        if at.elapsed() < FRESH {
+            return v.clone();
+        }
+    }
+    let (tx, rx) = mpsc::channel();
+    let asked = Instant::now();
+    let sent = sh
+        .loop_tx
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(Call { reply: tx });
+    if !sent {
+        return json!({"error": "the event loop has ended"});
+    }
+    match rx.recv_timeout(LOOP_DEADLINE) {
+        Ok(mut v) => {
+            v["loop_answer_us"] = Value::from(asked.elapsed().as_micros() as u64);
+            *last = Some((Instant::now(), v.clone()));
+            v
+        }
+        Err(_) => json!({"error": format!(
+            "the event loop did not answer within {LOOP_DEADLINE:?}: it is hung or overloaded")}),
+    }
+}
+
+fn serve(c: UnixStream, sh: &Shared) -> io::Result<()> {
     c.set_read_timeout(Some(IO_TIMEOUT))?;
     c.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = String::new();
     // A request is one short line.
     BufReader::new(io::Read::take(&c, 256)).read_line(&mut line)?;
     let answer = match line.trim() {
-        "status" => {
-            let (tx, rx) = mpsc::channel();
-            let asked = Instant::now();
-            if !loop_tx.send(Call { reply: tx }) {
-                json!({"error": "the event loop has ended"})
-            } else {
-                match rx.recv_timeout(LOOP_DEADLINE) {
-                    Ok(mut v) => {
-                        v["loop_answer_us"] = Value::from(asked.elapsed().as_micros() as u64);
-                        v
-                    }
-                    Err(_) => json!({"error": format!(
-                        "the event loop did not answer within {LOOP_DEADLINE:?}: it is hung or \
-                         overloaded")}),
-                }
-            }
-        }
+        "status" => ask_loop(sh),
         other => json!({"error": format!("unknown request {other:?}; the only request is status")}),
     };
     let mut out = answer.to_string();
@@ -185,12 +237,18 @@ pub fn ask(path: &Path, timeout: Duration) -> Result<Value, String> {
     c.set_read_timeout(Some(timeout))
         .and_then(|()| c.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
-    (&c).write_all(b"status\n")
-        .map_err(|e| format!("{}: cannot send the request: {e}", path.display()))?;
+    // A busy process answers (and closes) without reading: its answer is still there to read.
+    let sent = (&c).write_all(b"status\n");
     let mut line = String::new();
     BufReader::new(&c)
         .read_line(&mut line)
         .map_err(|e| format!("{}: no answer within {timeout:?}: {e}", path.display()))?;
+    if line.is_empty() {
+        return Err(match sent {
+            Err(e) => format!("{}: cannot send the request: {e}", path.display()),
+            Ok(()) => format!("{}: closed without an answer", path.display()),
+        });
+    }
     let v: Value = serde_json::from_str(line.trim())
         .map_err(|e| format!("{}: not a status answer ({e}): {line:?}", path.display()))?;
     match v.get("error").and_then(Value::as_str) {

@@ -3,13 +3,14 @@
 //!
 //! Each scrape builds a fresh `prometheus-client` registry from the atomics in [`Ops`] and the
 //! core's counters: the loop only ever bumps atomics, so a slow, stuck or hostile scraper costs
-//! this thread time and never the loop a heartbeat. Connections are served one at a time with
-//! short socket timeouts; a scraper that connects and never reads (or never asks) holds the
-//! endpoint for at most those timeouts.
+//! this thread time and never the loop a heartbeat. Each scrape has a thread of its own (a few at
+//! most) and short socket timeouts: a scraper that connects and never reads (or never asks) holds
+//! only its own connection, for at most those timeouts.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::{debug, error};
@@ -230,18 +231,40 @@ pub fn render(o: &Ops) -> String {
     s
 }
 
-/// Binds `addr` now (so a taken port fails at start) and serves it from a thread.
+/// Most scrapes served at once; beyond it a connection gets `503` at once.
+const MAX_SCRAPES: usize = 8;
+
+/// Binds `addr` now (so a taken port fails at start) and serves it from a thread, each scrape
+/// on a thread of its own (at most [`MAX_SCRAPES`]), so that stuck scrapers hold only their own
+/// connections, for at most their timeouts.
 pub fn start(addr: SocketAddr, o: &'static Ops) -> io::Result<SocketAddr> {
     let l = TcpListener::bind(addr)?;
     let local = l.local_addr()?;
+    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             for conn in l.incoming() {
                 match conn {
-                    Ok(c) => {
-                        if let Err(e) = serve(c, o) {
-                            debug!("metrics scrape: {e}");
+                    Ok(mut c) => {
+                        if active.fetch_add(1, Relaxed) >= MAX_SCRAPES {
+                            active.fetch_sub(1, Relaxed);
+                            let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
+                            let _ = respond(&mut c, "503 Service Unavailable", "text/plain", "");
+                            continue;
+                        }
+                        let done = active.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("metrics-scrape".into())
+                            .spawn(move || {
+                                if let Err(e) = serve(c, o) {
+                                    debug!("metrics scrape: {e}");
+                                }
+                                done.fetch_sub(1, Relaxed);
+                            });
+                        if let Err(e) = spawned {
+                            active.fetch_sub(1, Relaxed);
+                            debug!("metrics: cannot start a scrape thread: {e}");
                         }
                     }
                     // Out of descriptors: do not spin.

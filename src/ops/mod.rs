@@ -257,6 +257,7 @@ impl Ops {
     /// The state as `status` answers it.
     pub fn status_json(&self) -> Value {
         let c = self.counters.get();
+        let source = self.role == "source";
         let gaps = c.map(|c| c.gaps());
         let takeovers: serde_json::Map<String, Value> = TakeoverReason::ALL
             .iter()
@@ -270,16 +271,17 @@ impl Ops {
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
             "protocol": vmm_takeover_core::auth::VERSION,
+            "at_unix_us": now_us(),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "state": self.state().as_str(),
             "state_since_unix_us": self.state_since_unix_us.load(Relaxed),
-            "backups": (self.role == "source").then(|| self.backups.load(Relaxed)),
+            "backups": source.then(|| self.backups.load(Relaxed)),
             "links_armed": self.links_armed.load(Relaxed),
             "armed_since_unix_us": self.armed_since_unix_us.get(),
             "last_heartbeat_unix_us": c.map(|c| c.last_heartbeat_unix_us()).filter(|&t| t > 0),
-            "heartbeats_sent": c.map(|c| c.heartbeats_sent()),
-            "heartbeats_received": c.map(|c| c.heartbeats_received()),
-            "heartbeat_gap_max_ratio": gaps.map(|g| g.max),
+            "heartbeats_sent": c.filter(|_| source).map(|c| c.heartbeats_sent()),
+            "heartbeats_received": c.filter(|_| !source).map(|c| c.heartbeats_received()),
+            "heartbeat_gap_max_ratio": gaps.filter(|_| !source).map(|g| g.max),
             "takeovers": takeovers,
             "lease": self.session.get().map(|s| json!({
                 "arbiter": s.describe(),
