@@ -31,7 +31,8 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     cfg.retry_rejected = a.retry_rejected;
     cfg.credentials = crate::credentials(&a.auth)?;
     let auth = crate::auth_json(&cfg.credentials, true);
-    let (hook, guest) = hooks::start_hook(&a)?;
+    let incomplete = Arc::new(AtomicBool::new(false));
+    let (hook, guest) = hooks::start_hook(&a, &incomplete)?;
     let session = open_arbiter(&a.arbiter)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
     // With an arbiter the process also stays to hold the pair's lease for the guest it started:
@@ -50,6 +51,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     // A stop asked for while vm_start ran, which the hook won: honoured once it reports.
     let stop_asked = Arc::new(AtomicBool::new(false));
     let sa = stop_asked.clone();
+    let inc = incomplete.clone();
     let monitor = BackupMonitor::new(
         cfg,
         hook,
@@ -125,6 +127,15 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                     } else {
                         ex.set(exit::OK);
                     }
+                }
+                // The standby QEMU was receiving a live migration that did not complete:
+                // nothing was started, and nothing will be.
+                Err(e) if inc.load(Ordering::SeqCst) => {
+                    emit(
+                        "migration-incomplete",
+                        json!({"error": e, "took_us": us(*took)}),
+                    );
+                    ex.set(exit::INCOMPLETE);
                 }
                 Err(e) => {
                     emit("vm-start-failed", json!({"error": e, "took_us": us(*took)}));

@@ -161,6 +161,11 @@ pub struct SourceArgs {
     /// On SIGUSR1, send QMP `stop` to this QEMU socket before HANDOFF (`cont` if it fails).
     #[arg(long, value_name = "PATH", conflicts_with = "vm")]
     pub qmp: Option<PathBuf>,
+    /// With --qmp: a planned handoff is a live migration. On SIGUSR1 QEMU migrates to this URI
+    /// (the backup's QEMU, started with `-S -incoming tcp:HOST:PORT`) and HANDOFF is sent once
+    /// QEMU reports it completed; --hook-timeout bounds the migration.
+    #[arg(long, value_name = "tcp:HOST:PORT", requires = "qmp", value_parser = parse_migrate_uri)]
+    pub migrate_to: Option<String>,
     /// Run a built-in guest in this process (started now, paused on SIGUSR1 before HANDOFF):
     /// `kvm-dummy` (a real KVM guest) or `simulated` (a counting thread, no KVM needed).
     #[arg(long, value_name = "KIND", conflicts_with = "on_handoff", value_parser = ["kvm-dummy", "simulated"])]
@@ -298,6 +303,11 @@ fn parse_host_port(s: &str) -> Result<SocketAddr, String> {
         );
     }
     Ok(first)
+}
+
+fn parse_migrate_uri(s: &str) -> Result<String, String> {
+    vmm_takeover_guest::migrate::check_uri(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 fn parse_pair_id(s: &str) -> Result<String, String> {

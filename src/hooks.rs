@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Builds the vm_start / pause hooks the flags ask for, from the guest backends crate.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
-use vmm_takeover_guest::{CommandHook, QmpVm, StandbyGuest};
+use vmm_takeover_core::{AbortHandle, HookError, TakeoverRecord, VmPause, VmStart};
+use vmm_takeover_guest::{CommandHook, QmpError, QmpMigrate, QmpVm, StandbyGuest};
 
 use crate::cli::{BackupArgs, SourceArgs};
 
@@ -28,13 +30,23 @@ type WithGuest<H> = (H, Option<StandbyGuest>);
 /// The backup's `vm_start` hook, and the local standby guest if `--vm` asked for one. Hooks
 /// that can bound themselves get the same deadline as the core gives them, so that a hung
 /// command is killed, not only reported.
-pub fn start_hook(a: &BackupArgs) -> Result<WithGuest<Box<dyn VmStart>>, String> {
+pub fn start_hook(
+    a: &BackupArgs,
+    incomplete: &Arc<AtomicBool>,
+) -> Result<WithGuest<Box<dyn VmStart>>, String> {
     let t = a.hook_timeout;
     if let Some(cmd) = &a.on_takeover {
         return Ok((Box::new(command(cmd, t)), None));
     }
     if let Some(path) = &a.qmp {
-        return Ok((Box::new(QmpVm::new(path.clone()).with_timeout(t)), None));
+        let vm = QmpVm::new(path.clone()).with_timeout(t);
+        return Ok((
+            Box::new(QmpStart {
+                vm,
+                incomplete: incomplete.clone(),
+            }),
+            None,
+        ));
     }
     if let Some(guest) = local_guest(a.vm.as_deref())? {
         return Ok((Box::new(guest.clone()), Some(guest)));
@@ -46,6 +58,33 @@ pub fn start_hook(a: &BackupArgs) -> Result<WithGuest<Box<dyn VmStart>>, String>
         }),
         None,
     ))
+}
+
+/// The backup's QEMU hook: [`QmpVm`], noting when it refused an incomplete incoming migration
+/// (the CLI then exits 9 rather than 3).
+struct QmpStart {
+    vm: QmpVm,
+    incomplete: Arc<AtomicBool>,
+}
+
+impl VmStart for QmpStart {
+    fn vm_start(&mut self, record: &TakeoverRecord) -> Result<(), HookError> {
+        match self.vm.vm_start(record) {
+            Err(e) if matches!(e.downcast_ref(), Some(QmpError::IncomingIncomplete { .. })) => {
+                self.incomplete.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    fn describe(&self) -> String {
+        VmStart::describe(&self.vm)
+    }
+
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        VmStart::abort_handle(&self.vm)
+    }
 }
 
 fn command(cmd: &str, t: Duration) -> CommandHook {
@@ -61,6 +100,10 @@ pub fn pause_hook(a: &SourceArgs) -> Result<WithGuest<Option<Box<dyn VmPause>>>,
         if let Some(resume) = &a.on_resume {
             hook = hook.with_resume(resume.clone());
         }
+        return Ok((Some(Box::new(hook)), None));
+    }
+    if let (Some(path), Some(uri)) = (&a.qmp, &a.migrate_to) {
+        let hook = QmpMigrate::new(path.clone(), uri, t).map_err(|e| e.to_string())?;
         return Ok((Some(Box::new(hook)), None));
     }
     if let Some(path) = &a.qmp {

@@ -58,6 +58,9 @@ pub mod exit {
     pub const ABORTED: u8 = 7;
     /// The VMM the source served as its child (`-- CMD`) exited: its guest is gone.
     pub const VMM_EXITED: u8 = 8;
+    /// The backup's QEMU was receiving a live migration that did not complete: its image is
+    /// incomplete and nothing was started.
+    pub const INCOMPLETE: u8 = 9;
 }
 
 /// Why a command ended before its loop ran: an exit code and a message.

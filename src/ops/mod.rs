@@ -427,7 +427,11 @@ pub fn observe(name: &str, f: &Value) {
             }
             o.set_state(Running);
         }
-        "vm-start-failed" | "hook-timeout" | "rejected" | "arbitration-lost" => {
+        "vm-start-failed"
+        | "migration-incomplete"
+        | "hook-timeout"
+        | "rejected"
+        | "arbitration-lost" => {
             if let Some(t) = u("took_us") {
                 o.last_vm_start_us.set(t);
             }

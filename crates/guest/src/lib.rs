@@ -6,6 +6,7 @@
 //! - [`SimulatedVm`] (`simulated`): a counting thread with the same surface, for machines without
 //!   `/dev/kvm` — a simulation, not a VM. [`StandbyGuest`] holds either.
 //! - [`QmpVm`] (`qmp`): a QEMU guest resumed with `cont` / paused with `stop` over QMP.
+//! - [`QmpMigrate`] (`migrate`): a planned handoff by QEMU's own live migration.
 //! - [`CommandHook`] (`command`): any VMM, through a shell command.
 //! - [`QemuProcess`] (`qemu`): a paused, empty QEMU/KVM guest with a QMP socket, for tests,
 //!   benchmarks and demos.
@@ -19,6 +20,7 @@
 pub mod command;
 mod gate;
 pub mod kvm_dummy;
+pub mod migrate;
 pub mod qemu;
 pub mod qmp;
 pub mod simulated;
@@ -27,6 +29,7 @@ pub mod standby;
 pub use command::{CommandError, CommandHook};
 pub use gate::{GuestControl, GuestStateError, DEFAULT_PAUSE_TIMEOUT, DEFAULT_START_TIMEOUT};
 pub use kvm_dummy::{DummyVm, KvmDummyError, COUNTER_PORT};
+pub use migrate::{MigrateError, MigrationInfo, QmpMigrate};
 pub use qemu::{QemuError, QemuProcess};
 pub use qmp::{QmpClient, QmpError, QmpStatus, QmpVm};
 pub use simulated::{SimulatedVm, SimulatedVmError};

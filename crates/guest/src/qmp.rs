@@ -64,6 +64,19 @@ pub enum QmpError {
         /// The bound.
         timeout: Duration,
     },
+    /// The QEMU was receiving a live migration (`inmigrate`) and it did not complete: its
+    /// image is incomplete and is never resumed.
+    #[error(
+        "QEMU at {} was receiving a live migration that did not complete ({why}): its image is \
+         incomplete and is not resumed",
+        .path.display()
+    )]
+    IncomingIncomplete {
+        /// The socket path.
+        path: PathBuf,
+        /// What was seen.
+        why: String,
+    },
     /// The caller gave up on the call through its [`AbortHandle`] (the socket was shut down).
     #[error(
         "QMP call on {} aborted by its caller (deadline passed or VMM stopping): whether the \
@@ -692,6 +705,48 @@ impl QmpVm {
     }
 }
 
+impl QmpVm {
+    /// `vm_start` of a standby QEMU: if it is still receiving a live migration (`inmigrate`),
+    /// waits (within the bound) until the migration completed, and never resumes an incomplete
+    /// image: a QEMU that gives up its incoming migration exits, and one still receiving at the
+    /// bound is left paused. Then `cont`, as [`cont`](Self::cont).
+    pub fn start_complete(&self) -> Result<QmpStatus, QmpError> {
+        let incoming = self.call(|client, deadline| {
+            let first = client.query_status()?;
+            if first.status != "inmigrate" {
+                return Ok(false);
+            }
+            info!(
+                "qmp {}: receiving a live migration: waiting for it to complete",
+                self.socket_path.display()
+            );
+            let incomplete = |why: String| QmpError::IncomingIncomplete {
+                path: self.socket_path.clone(),
+                why,
+            };
+            match client.poll_status(deadline, |s| s.status != "inmigrate") {
+                Ok((_, true)) => Ok(true),
+                Ok((s, false)) => Err(incomplete(format!(
+                    "still {} after {:?}",
+                    s.status, self.timeout
+                ))),
+                // QEMU ends itself when its incoming migration fails.
+                Err(QmpError::Closed { .. } | QmpError::Io { .. }) => Err(incomplete(
+                    "QEMU ended during the incoming migration".into(),
+                )),
+                Err(e) => Err(e),
+            }
+        })?;
+        if incoming {
+            info!(
+                "qmp {}: the incoming migration completed",
+                self.socket_path.display()
+            );
+        }
+        self.cont()
+    }
+}
+
 impl VmStart for QmpVm {
     fn vm_start(&mut self, record: &TakeoverRecord) -> Result<(), HookError> {
         debug!(
@@ -699,7 +754,7 @@ impl VmStart for QmpVm {
             self.socket_path.display(),
             record.reason
         );
-        self.cont()?;
+        self.start_complete()?;
         Ok(())
     }
 
