@@ -3,6 +3,9 @@
 //! waits on the JSON lifecycle events it prints.
 #![allow(dead_code)]
 
+/// A real Linux guest under QEMU (TCG): image, process, QMP client.
+pub mod linux;
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
