@@ -243,6 +243,8 @@ impl VmPause for QmpMigrate {
     }
 
     fn vm_resume(&mut self) -> Result<(), HookError> {
+        // An abort ended the pause; the resume is a call of its own.
+        self.aborted.store(false, Ordering::SeqCst);
         let info = self.query().map_err(MigrateError::from)?;
         if info.status == "completed" {
             return Err(MigrateError::Completed(self.uri.clone()).into());

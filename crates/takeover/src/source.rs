@@ -1310,6 +1310,9 @@ impl SourceListener {
                 if !matches!(s, ConnState::Joined | ConnState::Target) =>
             {
                 self.joined -= 1;
+                if self.joined == 0 && self.state == State::Pausing {
+                    self.feed(ops, Input::BackupsGone);
+                }
             }
             (s, ConnState::Joined) if s != ConnState::Joined => self.joined += 1,
             _ => {}

@@ -90,6 +90,9 @@ pub enum Input {
     PauseFailed,
     /// The pause hook did not return in time.
     PauseTimeout,
+    /// Every armed backup left while the pause hook ran: a long pause (a live migration) is
+    /// given up rather than finished for nobody.
+    BackupsGone,
     /// The arbiter passed the pair to the chosen backup.
     HandedOver,
     /// The arbiter could not pass the pair (this source no longer owns it, or it is unreachable).
@@ -191,6 +194,8 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
         }
         (S::Pausing, I::PauseFailed) => to(S::Resuming, &[A::Resume]),
         (S::Pausing, I::PauseTimeout) => to(S::Resuming, &[A::AbortPause, A::Resume]),
+        // The hook reports back (aborted: PauseFailed, or done: Paused(0)); both resume.
+        (S::Pausing, I::BackupsGone) => to(S::Pausing, &[A::AbortPause]),
 
         (S::HandingOver, I::HandedOver) => {
             to(S::AwaitingBackup, &[A::StandDownOthers, A::SendHandoff])
@@ -248,6 +253,7 @@ pub fn all_inputs() -> Vec<Input> {
         Input::Paused { joined: 1 },
         Input::PauseFailed,
         Input::PauseTimeout,
+        Input::BackupsGone,
         Input::HandedOver,
         Input::HandOverFailed,
         Input::HandoffNotDelivered,
