@@ -242,3 +242,25 @@ fn when_the_backup_dies_during_the_migration_the_source_cancels_it_and_runs_on()
         p.dst_qemu.serial_text()
     );
 }
+
+#[test]
+fn a_crash_before_any_migration_leaves_the_waiting_destination_alone() {
+    let Some(mut p) = start("mig6", &[]) else {
+        return;
+    };
+    // The source host dies with no migration under way: the destination holds no image.
+    p.source.signal(libc::SIGKILL);
+    p.src_qemu.kill();
+    let ev = p.backup.wait_event("migration-incomplete", EVENT_TIMEOUT);
+    assert!(
+        ev["error"]
+            .as_str()
+            .unwrap()
+            .contains("no migration is arriving"),
+        "{ev}"
+    );
+    assert_eq!(p.backup.wait_exit(EVENT_TIMEOUT).code(), Some(9));
+    let mut dq = p.dst_qemu.qmp();
+    assert_eq!(dq.status(), "inmigrate", "the destination was not resumed");
+    assert!(p.dst_qemu.ticks().is_empty());
+}

@@ -724,17 +724,35 @@ impl QmpVm {
                 path: self.socket_path.clone(),
                 why,
             };
-            match client.poll_status(deadline, |s| s.status != "inmigrate") {
-                Ok((_, true)) => Ok(true),
-                Ok((s, false)) => Err(incomplete(format!(
-                    "still {} after {:?}",
-                    s.status, self.timeout
-                ))),
+            let ended = |e: QmpError| match e {
                 // QEMU ends itself when its incoming migration fails.
-                Err(QmpError::Closed { .. } | QmpError::Io { .. }) => Err(incomplete(
-                    "QEMU ended during the incoming migration".into(),
-                )),
-                Err(e) => Err(e),
+                QmpError::Closed { .. } | QmpError::Io { .. } => {
+                    incomplete("QEMU ended during the incoming migration".into())
+                }
+                e => e,
+            };
+            loop {
+                let status = client.query_status().map_err(ended)?;
+                if status.status != "inmigrate" {
+                    return Ok(true);
+                }
+                // Waiting is worth it only while a migration is arriving; a QEMU that never
+                // got one holds no image (and nobody will send it one now).
+                let m = client.execute("query-migrate", None).map_err(ended)?;
+                let arriving = m.get("status").and_then(Value::as_str);
+                if !matches!(arriving, Some("active" | "device" | "completed")) {
+                    return Err(incomplete(format!(
+                        "no migration is arriving (migration status {})",
+                        arriving.unwrap_or("none")
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(incomplete(format!(
+                        "still arriving after {:?}",
+                        self.timeout
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
         })?;
         if incoming {
