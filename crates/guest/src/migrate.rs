@@ -9,9 +9,10 @@
 //! in `postmigrate` counts as paused; then the core sends HANDOFF and the backup resumes the
 //! migrated guest with `cont`.
 //!
-//! Each query is a short QMP session of its own rather than one session held for the whole
-//! migration: QEMU serves one client per monitor, and the source's health check must keep
-//! getting through while a migration runs.
+//! One QMP session follows the migration (`query-migrate` every millisecond), but it is given up
+//! and opened again every 200 ms rather than held for the whole migration: QEMU serves one
+//! client per monitor, and the source's health check must keep getting through while a long
+//! migration runs.
 //!
 //! [`QmpMigrate::vm_resume`] (the handoff failed) cancels a migration still under way and lets the
 //! guest run on here; after a **completed** migration it refuses: the destination holds the
@@ -26,11 +27,14 @@ use log::{info, warn};
 use serde_json::{json, Value};
 use vmm_takeover_core::{AbortHandle, HookError, VmPause};
 
-use crate::qmp::{QmpError, QmpVm};
+use crate::qmp::{QmpClient, QmpError, QmpVm};
 
 /// How often `query-migrate` is asked while a migration runs: the time from QEMU's `completed`
 /// to HANDOFF is at most this (plus one QMP round trip).
 pub const POLL: Duration = Duration::from_millis(1);
+
+/// How long one QMP session follows a migration before it makes way for other clients.
+const SESSION: Duration = Duration::from_millis(200);
 
 /// Why a migration handoff failed.
 #[derive(Debug, thiserror::Error)]
@@ -165,18 +169,33 @@ impl QmpMigrate {
         }
     }
 
-    /// Follows the migration until it ends, the deadline, or an abort.
-    fn follow(&self, deadline: Instant) -> Result<MigrationInfo, MigrateError> {
+    /// Follows the migration until it ends, the deadline, or an abort; returns what ended it
+    /// and the session that saw it. One session is kept, but given up every [`SESSION`] so
+    /// that the source's health check (a client of the same monitor) gets its turn.
+    fn follow(
+        &self,
+        deadline: Instant,
+        mut session: Option<QmpClient>,
+    ) -> Result<(MigrationInfo, QmpClient), MigrateError> {
+        let mut opened = Instant::now();
         loop {
             if self.aborted.load(Ordering::SeqCst) {
+                drop(session);
                 self.cancel();
                 return Err(MigrateError::Aborted(self.uri.clone()));
             }
-            let info = self.query()?;
+            if session.is_none() || opened.elapsed() >= SESSION {
+                drop(session.take());
+                session = Some(self.vm.connect()?);
+                opened = Instant::now();
+            }
+            let c = session.as_mut().expect("just opened");
+            let info = MigrationInfo::from(&c.execute("query-migrate", None)?);
             if info.ended() {
-                return Ok(info);
+                return Ok((info, session.expect("open")));
             }
             if Instant::now() >= deadline {
+                drop(session);
                 self.cancel();
                 return Err(MigrateError::Timeout {
                     uri: self.uri.clone(),
@@ -190,16 +209,14 @@ impl QmpMigrate {
     fn migrate(&mut self) -> Result<MigrationInfo, MigrateError> {
         self.aborted.store(false, Ordering::SeqCst);
         let deadline = Instant::now() + self.timeout;
-        {
-            let mut c = self.vm.connect()?;
-            c.execute(
-                "migrate-set-capabilities",
-                Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
-            )?;
-            c.execute("migrate", Some(json!({"uri": self.uri})))?;
-        }
+        let mut c = self.vm.connect()?;
+        c.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
+        )?;
+        c.execute("migrate", Some(json!({"uri": self.uri})))?;
         info!("migration to {}: started", self.uri);
-        let info = self.follow(deadline)?;
+        let (info, mut c) = self.follow(deadline, Some(c))?;
         if info.status != "completed" {
             return Err(MigrateError::Ended {
                 uri: self.uri.clone(),
@@ -208,7 +225,14 @@ impl QmpMigrate {
             });
         }
         *self.completed.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
-        let status = self.vm.query_status()?;
+        // `query-migrate` can say `completed` a moment before the run state leaves
+        // `finish-migrate`.
+        let mut status = c.query_status()?.status;
+        let settle = Instant::now() + Duration::from_secs(1);
+        while status == "finish-migrate" && Instant::now() < settle {
+            std::thread::sleep(POLL);
+            status = c.query_status()?.status;
+        }
         if status != "postmigrate" {
             return Err(MigrateError::NotPostmigrate(status));
         }
@@ -253,7 +277,7 @@ impl VmPause for QmpMigrate {
         if !info.ended() && info.status != "none" {
             self.cancel();
             let deadline = Instant::now() + self.vm.timeout;
-            let info = self.follow(deadline)?;
+            let (info, _) = self.follow(deadline, None)?;
             if info.status == "completed" {
                 // It finished before the cancel took: the same as above.
                 return Err(MigrateError::Completed(self.uri.clone()).into());

@@ -711,57 +711,72 @@ impl QmpVm {
     /// image: a QEMU that gives up its incoming migration exits, and one still receiving at the
     /// bound is left paused. Then `cont`, as [`cont`](Self::cont).
     pub fn start_complete(&self) -> Result<QmpStatus, QmpError> {
-        let incoming = self.call(|client, deadline| {
-            let first = client.query_status()?;
-            if first.status != "inmigrate" {
-                return Ok(false);
+        // One session for all of it: every extra connect is a round trip to QEMU's main loop.
+        let status = self.call(|client, deadline| {
+            if client.query_status()?.status == "inmigrate" {
+                self.wait_incoming(client, deadline)?;
             }
-            info!(
-                "qmp {}: receiving a live migration: waiting for it to complete",
-                self.socket_path.display()
-            );
-            let incomplete = |why: String| QmpError::IncomingIncomplete {
-                path: self.socket_path.clone(),
-                why,
-            };
-            let ended = |e: QmpError| match e {
-                // QEMU ends itself when its incoming migration fails.
-                QmpError::Closed { .. } | QmpError::Io { .. } => {
-                    incomplete("QEMU ended during the incoming migration".into())
-                }
-                e => e,
-            };
-            loop {
-                let status = client.query_status().map_err(ended)?;
-                if status.status != "inmigrate" {
-                    return Ok(true);
-                }
-                // Waiting is worth it only while a migration is arriving; a QEMU that never
-                // got one holds no image (and nobody will send it one now).
-                let m = client.execute("query-migrate", None).map_err(ended)?;
-                let arriving = m.get("status").and_then(Value::as_str);
-                if !matches!(arriving, Some("active" | "device" | "completed")) {
-                    return Err(incomplete(format!(
-                        "no migration is arriving (migration status {})",
-                        arriving.unwrap_or("none")
-                    )));
-                }
-                if Instant::now() >= deadline {
-                    return Err(incomplete(format!(
-                        "still arriving after {:?}",
-                        self.timeout
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(1));
+            client.execute("cont", None)?;
+            let (status, ok) = client.poll_status(deadline, |s| s.running)?;
+            if !ok {
+                return Err(QmpError::NotRunning {
+                    path: self.socket_path.clone(),
+                    timeout: self.timeout,
+                    status: status.status,
+                });
             }
+            Ok(status)
         })?;
-        if incoming {
-            info!(
-                "qmp {}: the incoming migration completed",
-                self.socket_path.display()
-            );
+        info!("qmp {}: guest running", self.socket_path.display());
+        Ok(status)
+    }
+
+    /// Waits while QEMU is `inmigrate` and a migration is arriving; an error when it does not
+    /// complete.
+    fn wait_incoming(&self, client: &mut QmpClient, deadline: Instant) -> Result<(), QmpError> {
+        info!(
+            "qmp {}: receiving a live migration: waiting for it to complete",
+            self.socket_path.display()
+        );
+        let incomplete = |why: String| QmpError::IncomingIncomplete {
+            path: self.socket_path.clone(),
+            why,
+        };
+        let ended = |e: QmpError| match e {
+            // QEMU ends itself when its incoming migration fails.
+            QmpError::Closed { .. } | QmpError::Io { .. } => {
+                incomplete("QEMU ended during the incoming migration".into())
+            }
+            e => e,
+        };
+        loop {
+            // Waiting is worth it only while a migration is arriving; a QEMU that never got one
+            // holds no image (and nobody will send it one now).
+            let m = client.execute("query-migrate", None).map_err(ended)?;
+            let arriving = m.get("status").and_then(Value::as_str);
+            if arriving == Some("completed")
+                || client.query_status().map_err(ended)?.status != "inmigrate"
+            {
+                info!(
+                    "qmp {}: the incoming migration completed",
+                    self.socket_path.display()
+                );
+                return Ok(());
+            }
+            if !matches!(arriving, Some("active" | "device")) {
+                return Err(incomplete(format!(
+                    "no migration is arriving (migration status {})",
+                    arriving.unwrap_or("none")
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(incomplete(format!(
+                    "still arriving after {:?}",
+                    self.timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        self.cont()
     }
 }
 
