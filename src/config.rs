@@ -161,7 +161,9 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, ParseError
         .iter()
         .filter(|e| {
             let a = find_arg(sub, &e.id);
-            !given.iter().any(|g| *g == e.id || conflict(sub, a, find_arg(sub, g)))
+            !given
+                .iter()
+                .any(|g| *g == e.id || conflict(sub, a, find_arg(sub, g)))
         })
         .collect();
 
@@ -489,7 +491,9 @@ impl ConfigFile {
                 out.trailing = values;
                 continue;
             }
-            let long = arg.get_long().expect("non-positional flags have a long name");
+            let long = arg
+                .get_long()
+                .expect("non-positional flags have a long name");
             let tokens = if arg.get_action().takes_values() {
                 values
                     .iter()
@@ -527,12 +531,16 @@ impl ConfigFile {
         let value = item.as_value();
         if !arg.get_action().takes_values() {
             return match (arg.get_action(), value) {
-                (ArgAction::SetTrue, Some(Value::Boolean(b))) => {
-                    Ok(if *b.value() { vec![OsString::new()] } else { vec![] })
-                }
-                (ArgAction::SetFalse, Some(Value::Boolean(b))) => {
-                    Ok(if *b.value() { vec![] } else { vec![OsString::new()] })
-                }
+                (ArgAction::SetTrue, Some(Value::Boolean(b))) => Ok(if *b.value() {
+                    vec![OsString::new()]
+                } else {
+                    vec![]
+                }),
+                (ArgAction::SetFalse, Some(Value::Boolean(b))) => Ok(if *b.value() {
+                    vec![]
+                } else {
+                    vec![OsString::new()]
+                }),
                 (ArgAction::Count, Some(Value::Integer(n))) => match u8::try_from(*n.value()) {
                     Ok(n) => Ok(vec![OsString::new(); n.into()]),
                     Err(_) => Err(err(format!("expected 0..=255, got {}", n.value()))),
@@ -609,14 +617,16 @@ impl ConfigFile {
                 _ => Vec::new(),
             }
         };
-        let entry = |long: &str| kept.iter().find(|en| en.tokens.iter().any(|t| is_flag(t, long)));
+        let entry = |long: &str| {
+            kept.iter()
+                .find(|en| en.tokens.iter().any(|t| is_flag(t, long)))
+        };
         match e.kind() {
             ErrorKind::MissingRequiredArgument => {
                 let missing: Vec<String> = strings(ContextKind::InvalidArg)
                     .iter()
                     .map(|s| {
-                        let keys: Vec<String> =
-                            longs(s).iter().map(|l| format!("`{l}`")).collect();
+                        let keys: Vec<String> = longs(s).iter().map(|l| format!("`{l}`")).collect();
                         match keys.len() {
                             1 => keys[0].clone(),
                             _ => format!("one of {}", keys.join(", ")),
@@ -643,7 +653,7 @@ impl ConfigFile {
                     Some(en) => format!("key `{}` (line {})", en.key, en.line),
                     None => format!("flag --{l}"),
                 };
-                match this.as_deref().and_then(|t| entry(t)) {
+                match this.as_deref().and_then(entry) {
                     Some(en) => {
                         let others: Vec<String> = prior.iter().map(|p| describe(p)).collect();
                         self.key_error(
@@ -830,4 +840,409 @@ fn value_type_name(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sample value for every key: (role, key, TOML value, the same as flags). Each group
+    /// of keys that may stand together is one variant.
+    const SAMPLES: &[(&str, usize, &str, &str, &[&str])] = &[
+        (
+            "source",
+            0,
+            "listen",
+            r#""127.0.0.1:7070""#,
+            &["--listen", "127.0.0.1:7070"],
+        ),
+        ("source", 0, "pair-id", r#""vm1""#, &["--pair-id", "vm1"]),
+        (
+            "source",
+            0,
+            "keepalive",
+            r#""2:1:3""#,
+            &["--keepalive", "2:1:3"],
+        ),
+        (
+            "source",
+            0,
+            "arbiter",
+            r#""etcd://127.0.0.1:2379""#,
+            &["--arbiter", "etcd://127.0.0.1:2379"],
+        ),
+        ("source", 0, "lease-ttl", r#""3s""#, &["--lease-ttl", "3s"]),
+        (
+            "source",
+            0,
+            "psk-file",
+            r#""/etc/vmm-takeover/vm1.psk""#,
+            &["--psk-file", "/etc/vmm-takeover/vm1.psk"],
+        ),
+        ("source", 0, "max-pending", "10", &["--max-pending", "10"]),
+        (
+            "source",
+            0,
+            "max-pending-per-addr",
+            "2",
+            &["--max-pending-per-addr", "2"],
+        ),
+        (
+            "source",
+            0,
+            "user-timeout",
+            r#""3s""#,
+            &["--user-timeout", "3s"],
+        ),
+        (
+            "source",
+            0,
+            "heartbeat",
+            r#""10ms""#,
+            &["--heartbeat", "10ms"],
+        ),
+        (
+            "source",
+            0,
+            "on-handoff",
+            r#""virsh suspend vm1""#,
+            &["--on-handoff", "virsh suspend vm1"],
+        ),
+        (
+            "source",
+            0,
+            "on-resume",
+            r#""virsh resume vm1""#,
+            &["--on-resume", "virsh resume vm1"],
+        ),
+        (
+            "source",
+            0,
+            "hook-timeout",
+            r#""5s""#,
+            &["--hook-timeout", "5s"],
+        ),
+        (
+            "source",
+            0,
+            "handoff-timeout",
+            r#""60s""#,
+            &["--handoff-timeout", "60s"],
+        ),
+        (
+            "source",
+            0,
+            "log-level",
+            r#""debug""#,
+            &["--log-level", "debug"],
+        ),
+        ("source", 0, "vmm", r#"["sleep", "--", "1"]"#, &[]),
+        (
+            "source",
+            1,
+            "insecure-no-auth",
+            "true",
+            &["--insecure-no-auth"],
+        ),
+        (
+            "source",
+            1,
+            "qmp",
+            r#""/run/qmp.sock""#,
+            &["--qmp", "/run/qmp.sock"],
+        ),
+        (
+            "source",
+            1,
+            "health-interval",
+            r#""2s""#,
+            &["--health-interval", "2s"],
+        ),
+        (
+            "source",
+            2,
+            "insecure-no-auth",
+            "true",
+            &["--insecure-no-auth"],
+        ),
+        ("source", 2, "vm", r#""simulated""#, &["--vm", "simulated"]),
+        (
+            "backup",
+            0,
+            "connect",
+            r#""[::1]:7070""#,
+            &["--connect", "[::1]:7070"],
+        ),
+        ("backup", 0, "pair-id", r#""vm1""#, &["--pair-id", "vm1"]),
+        (
+            "backup",
+            0,
+            "keepalive",
+            r#""off""#,
+            &["--keepalive", "off"],
+        ),
+        (
+            "backup",
+            0,
+            "arbiter",
+            r#""etcd://127.0.0.1:2379""#,
+            &["--arbiter", "etcd://127.0.0.1:2379"],
+        ),
+        ("backup", 0, "lease-ttl", r#""3s""#, &["--lease-ttl", "3s"]),
+        (
+            "backup",
+            0,
+            "psk-file",
+            r#""/k.psk""#,
+            &["--psk-file", "/k.psk"],
+        ),
+        (
+            "backup",
+            0,
+            "heartbeat-misses",
+            "5",
+            &["--heartbeat-misses", "5"],
+        ),
+        (
+            "backup",
+            0,
+            "kernel-keepalive-only",
+            "true",
+            &["--kernel-keepalive-only"],
+        ),
+        ("backup", 0, "retry-rejected", "true", &["--retry-rejected"]),
+        (
+            "backup",
+            0,
+            "on-takeover",
+            r#""echo up""#,
+            &["--on-takeover", "echo up"],
+        ),
+        (
+            "backup",
+            0,
+            "hook-timeout",
+            r#""1m""#,
+            &["--hook-timeout", "1m"],
+        ),
+        (
+            "backup",
+            0,
+            "log-level",
+            r#""trace""#,
+            &["--log-level", "trace"],
+        ),
+        (
+            "backup",
+            1,
+            "insecure-no-auth",
+            "true",
+            &["--insecure-no-auth"],
+        ),
+        (
+            "backup",
+            1,
+            "qmp",
+            r#""/run/qmp.sock""#,
+            &["--qmp", "/run/qmp.sock"],
+        ),
+        (
+            "backup",
+            2,
+            "insecure-no-auth",
+            "true",
+            &["--insecure-no-auth"],
+        ),
+        ("backup", 2, "vm", r#""kvm-dummy""#, &["--vm", "kvm-dummy"]),
+    ];
+
+    /// A scratch file, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(text: &str) -> Scratch {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!(
+                "vmm-takeover-config-unit-{}-{n}.toml",
+                std::process::id()
+            ));
+            std::fs::write(&p, text).unwrap();
+            Scratch(p)
+        }
+        fn arg(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn parse_strs(args: &[&str]) -> Result<Cli, ParseError> {
+        parse(
+            std::iter::once("vmm-takeover")
+                .chain(args.iter().copied())
+                .map(OsString::from),
+        )
+    }
+
+    fn err(args: &[&str]) -> String {
+        match parse_strs(args) {
+            Ok(c) => panic!("{args:?} parsed: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Each variant's keys from a file parse to exactly what the same flags do, and the
+    /// samples cover every key there is (a new flag fails here until it has a sample).
+    #[test]
+    fn every_key_parses_like_its_flag() {
+        let cmd = command();
+        for role in ROLES {
+            let sub = cmd.find_subcommand(role).unwrap();
+            let mut missing: Vec<String> = configurable(sub)
+                .map(key_of)
+                .filter(|k| !SAMPLES.iter().any(|s| s.0 == role && s.2 == k))
+                .collect();
+            missing.sort();
+            assert!(
+                missing.is_empty(),
+                "no sample for [{role}] keys {missing:?}"
+            );
+            for variant in 0..3 {
+                let mut toml = format!("[{role}]\n");
+                let mut flags = vec![role.to_string()];
+                let mut tail = Vec::new();
+                // A variant other than 0 takes the identity of variant 0 (address, pair id).
+                for s in SAMPLES.iter().filter(|s| {
+                    s.0 == role
+                        && (s.1 == variant
+                            || (s.1 == 0 && ["listen", "connect", "pair-id"].contains(&s.2)))
+                }) {
+                    toml.push_str(&format!("{} = {}\n", s.2, s.3));
+                    flags.extend(s.4.iter().map(|f| f.to_string()));
+                    if s.2 == "vmm" {
+                        tail = vec!["--", "sleep", "--", "1"];
+                    }
+                }
+                flags.extend(tail.iter().map(|t| t.to_string()));
+                let f = Scratch::new(&toml);
+                let from_file = parse_strs(&[role, "--config", &f.arg()])
+                    .unwrap_or_else(|e| panic!("{toml}: {e}"));
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                let from_flags = parse_strs(&flags).unwrap_or_else(|e| panic!("{flags:?}: {e}"));
+                assert_eq!(
+                    format!("{from_file:?}"),
+                    format!("{from_flags:?}"),
+                    "{toml}"
+                );
+                check(&f.0, false).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_command_line_wins() {
+        let f = Scratch::new(
+            "[source]\nlisten = \"127.0.0.1:1\"\npair-id = \"a\"\npsk-file = \"/k\"\n\
+             heartbeat = \"10ms\"\nvmm = [\"sleep\", \"1\"]\nlog-level = \"debug\"\n",
+        );
+        let c = parse_strs(&[
+            "--log-level=warn",
+            "source",
+            "--listen",
+            "127.0.0.1:2",
+            "--config",
+            &f.arg(),
+            "--insecure-no-auth",
+            "--",
+        ])
+        .unwrap();
+        assert_eq!(c.log_level, Some(crate::cli::LogLevel::Warn));
+        let crate::cli::Command::Source(a) = c.command else {
+            panic!("{c:?}")
+        };
+        assert_eq!(a.listen, "127.0.0.1:2".parse().unwrap());
+        // The file's value where the command line says nothing.
+        assert_eq!(a.heartbeat, Some(std::time::Duration::from_millis(10)));
+        // --insecure-no-auth replaces the file's psk-file instead of conflicting with it.
+        assert!(a.auth.insecure_no_auth && a.auth.psk_file.is_none());
+        // A bare `--` clears the file's command.
+        assert!(a.vmm.is_empty());
+    }
+
+    #[test]
+    fn false_omits_a_flag_and_twice_on_the_command_line_is_still_an_error() {
+        let f = Scratch::new(
+            "[backup]\nconnect = \"127.0.0.1:1\"\npair-id = \"a\"\ninsecure-no-auth = true\n\
+             retry-rejected = false\n",
+        );
+        let c = parse_strs(&["backup", "--config", &f.arg()]).unwrap();
+        let crate::cli::Command::Backup(a) = c.command else {
+            panic!("{c:?}")
+        };
+        assert!(!a.retry_rejected);
+        let e = err(&[
+            "backup",
+            "--config",
+            &f.arg(),
+            "--pair-id",
+            "b",
+            "--pair-id",
+            "c",
+        ]);
+        assert!(e.contains("--pair-id"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_file_key_line_and_what_is_allowed() {
+        let cases: &[(&str, &[&str])] = &[
+            ("[source]\n\nlisten = 7070\n", &["line 3", "key `listen`", "a string (`HOST:PORT`)", "an integer"]),
+            ("[source]\nheartbeat = \"soon\"\n", &["line 2", "key `heartbeat`", "is not a duration like 10ms"]),
+            ("[source]\nmax-pending = 0\n", &["line 2", "key `max-pending`", "1..=65536"]),
+            ("[source]\nlisten = \"nowhere\"\n", &["line 2", "key `listen`", "expected HOST:PORT"]),
+            ("[source]\npair_id = \"a\"\n", &["line 2", "key `pair_id`", "did you mean `pair-id`", "allowed: listen,"]),
+            ("[source]\nvm = \"qemu\"\n", &["line 2", "key `vm`", "kvm-dummy, simulated"]),
+            ("[source]\nvmm = \"qemu -m 1\"\n", &["line 2", "key `vmm`", "an array of strings"]),
+            ("[source]\nlisten = \"127.0.0.1:1\"\n", &["line 1", "table [source]", "missing required key", "one of `psk-file`, `insecure-no-auth`", "`pair-id`"]),
+            ("[source]\nlisten = \"127.0.0.1:1\"\npair-id = \"a\"\ninsecure-no-auth = true\npsk-file = \"/k\"\n", &["line 4", "key `insecure-no-auth`", "cannot be used with key `psk-file` (line 5)"]),
+            ("[backup]\nconnect = \"127.0.0.1:1\"\n", &["no [source] table", "has [backup]"]),
+            ("[source]\nlisten = \"127.0.0.1:1\n", &["line 2, column", "not valid TOML"]),
+            ("[sorce]\n", &["line 1", "key `sorce`", "allowed: [source], [backup]"]),
+        ];
+        for (toml, wanted) in cases {
+            let f = Scratch::new(toml);
+            let e = err(&["source", "--config", &f.arg()]);
+            assert!(e.contains(&f.arg()), "{toml}: {e}");
+            for w in *wanted {
+                assert!(e.contains(w), "{toml}: {e:?} lacks {w:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn config_is_found_where_clap_would_take_it() {
+        let cmd = command();
+        let at = |args: &[&str]| {
+            let v: Vec<OsString> = args.iter().map(OsString::from).collect();
+            find_config(&cmd, &v).map(|a| (a.sub, a.path.into_string().unwrap()))
+        };
+        assert_eq!(at(&["x", "source", "--config", "a"]), Some((1, "a".into())));
+        assert_eq!(
+            at(&["x", "--log-level", "info", "backup", "--config=b"]),
+            Some((3, "b".into()))
+        );
+        assert_eq!(
+            at(&["x", "source", "--config", "a", "--config", "c"]),
+            Some((1, "c".into()))
+        );
+        assert_eq!(at(&["x", "source", "--", "--config", "a"]), None);
+        assert_eq!(at(&["x", "demo", "--config", "a"]), None);
+        assert_eq!(at(&["x", "source", "--config"]), None);
+    }
+
+    #[test]
+    fn lines_are_counted_from_one() {
+        assert_eq!(line_of("a\nb\nc", 0), 1);
+        assert_eq!(line_of("a\nb\nc", 2), 2);
+        assert_eq!(line_of("a\nb\nc", 99), 3);
+    }
 }
