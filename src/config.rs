@@ -143,11 +143,6 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, ParseError
     let sub = cmd
         .find_subcommand(&role)
         .expect("find_config returns a subcommand");
-    let file = ConfigFile::load(Path::new(&at.path))?;
-    let table = file.table_args(sub, &role)?;
-
-    // The command line wins: drop the file's keys that it gives, or that conflict with one it
-    // gives (`--insecure-no-auth` on the command line replaces the file's `psk-file`).
     let rest = &argv[at.sub + 1..];
     let dashdash = rest.iter().position(|a| a == "--");
     // Global flags (`--log-level`) may stand before the subcommand too.
@@ -156,6 +151,22 @@ pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, ParseError
         sub,
         &rest[..dashdash.unwrap_or(rest.len())],
     ));
+    // `--help` shows the help even with a broken file.
+    let help = given.iter().any(|g| {
+        matches!(
+            find_arg(sub, g).get_action(),
+            ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong
+        )
+    });
+    if help {
+        let m = cmd.try_get_matches_from(argv)?;
+        return Ok(Cli::from_arg_matches(&m)?);
+    }
+    let file = ConfigFile::load(Path::new(&at.path))?;
+    let table = file.table_args(sub, &role)?;
+
+    // The command line wins: drop the file's keys that it gives, or that conflict with one it
+    // gives (`--insecure-no-auth` on the command line replaces the file's `psk-file`).
     let kept: Vec<&Entry> = table
         .entries
         .iter()
@@ -1237,6 +1248,19 @@ mod tests {
         assert_eq!(at(&["x", "source", "--", "--config", "a"]), None);
         assert_eq!(at(&["x", "demo", "--config", "a"]), None);
         assert_eq!(at(&["x", "source", "--config"]), None);
+    }
+
+    #[test]
+    fn help_is_shown_even_with_a_broken_file() {
+        for args in [
+            &["source", "--config", "/nonexistent/x.toml", "--help"][..],
+            &["backup", "-h", "--config", "/nonexistent/x.toml"][..],
+        ] {
+            match parse_strs(args) {
+                Err(ParseError::Clap(e)) => assert_eq!(e.kind(), ErrorKind::DisplayHelp),
+                other => panic!("{args:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]
