@@ -55,10 +55,23 @@ fn watch_head() {
     };
     let mut watch = vec![git_dir.join("HEAD"), common.join("packed-refs")];
     if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        watch.push(common.join(&r));
-        watch.push(git_dir.join(&r));
+        let loose = common.join(&r);
+        // A branch only in packed-refs gets a loose ref file at its next commit: watch the
+        // directory it will appear in.
+        if !loose.is_file() {
+            if let Some(dir) = loose.parent() {
+                watch_dir(dir);
+            }
+        }
+        watch.push(loose);
     }
     for p in watch.into_iter().filter(|p| p.is_file()) {
         println!("cargo:rerun-if-changed={}", p.display());
+    }
+}
+
+fn watch_dir(dir: &Path) {
+    if dir.is_dir() {
+        println!("cargo:rerun-if-changed={}", dir.display());
     }
 }

@@ -5,11 +5,11 @@
 //! subcommand (`pair-id = "vm1"`, `heartbeat = "10ms"`), and `vmm = [...]` is the command after
 //! `--` of `source`. Format, precedence and errors: `docs/config.md`.
 //!
-//! Nothing here knows a particular flag: each key is looked up in the clap definition of the
-//! subcommand and its value goes through that flag's own value parser, so a flag added later has
-//! its key at once and a bad value gets the same words as on the command line. The file's keys
-//! then become arguments placed before the command line's own, and clap parses the lot as usual
-//! (required flags, conflicts).
+//! Nothing here knows a particular flag (but `check-config --keys`, which loads `psk-file`):
+//! each key is looked up in the clap definition of the subcommand and its value goes through
+//! that flag's own value parser, so a flag added later has its key at once and a bad value gets
+//! the same words as on the command line. The file's keys then become arguments placed before
+//! the command line's own, and clap parses the lot as usual (required flags, conflicts).
 
 use std::any::TypeId;
 use std::ffi::{OsStr, OsString};
