@@ -12,11 +12,56 @@ use vmm_takeover_core::protocol::{MAX_HEARTBEAT, MIN_HEARTBEAT};
 
 /// Backup-VM takeover over a keepalive-tuned TCP heartbeat link.
 #[derive(Debug, Parser)]
-#[command(name = "vmm-takeover", version, about)]
+#[command(name = "vmm-takeover", version = version(), about)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+    /// Log filter for stderr; overrides RUST_LOG when given (default: RUST_LOG, else `warn`).
+    #[arg(long, value_name = "LEVEL", value_enum, global = true)]
+    pub log_level: Option<LogLevel>,
+}
+
+/// `--version`: the crate version, the wire protocol version it speaks and the git revision it
+/// was built from (`unknown` outside a git checkout; see build.rs).
+pub fn version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        format!(
+            "{} (protocol {}, git {})",
+            env!("CARGO_PKG_VERSION"),
+            vmm_takeover_core::auth::VERSION,
+            env!("VMM_TAKEOVER_GIT_REV")
+        )
+    })
+}
+
+/// `--log-level`: the most verbose log level written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors (the default without RUST_LOG).
+    Warn,
+    /// Lifecycle information.
+    Info,
+    /// Details for debugging.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The level as a log filter.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
 }
 
 /// Subcommands.
@@ -32,6 +77,40 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// Ask a running source or backup for its state (its `--control` socket); prints JSON.
     Status(StatusArgs),
+    /// Check a config file (`--config`) without starting anything: every table, every key.
+    CheckConfig(CheckConfigArgs),
+    /// Write the man page (roff) to stdout: `vmm-takeover man | man -l -`.
+    Man(ManArgs),
+    /// Write a shell completion script to stdout.
+    Completions(CompletionsArgs),
+}
+
+/// `vmm-takeover check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The config file to check (TOML, with a `[source]` and/or a `[backup]` table).
+    #[arg(value_name = "PATH")]
+    pub path: PathBuf,
+    /// Also load the key files the file names (`psk-file`), with the checks made at start
+    /// (format, mode, owner). Off by default: key files are often installed separately.
+    #[arg(long)]
+    pub keys: bool,
+}
+
+/// `vmm-takeover man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// The page of one subcommand (e.g. `source`) instead of the main page.
+    #[arg(value_name = "SUBCOMMAND")]
+    pub subcommand: Option<String>,
+}
+
+/// `vmm-takeover completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to write the script for.
+    #[arg(value_name = "SHELL", value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `vmm-takeover keygen`.

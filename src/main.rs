@@ -7,6 +7,7 @@
 
 mod backup_cmd;
 mod cli;
+mod config;
 mod demo;
 mod events;
 mod guest_report;
@@ -22,7 +23,6 @@ use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use clap::Parser;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use vmm_takeover_arbiter_etcd::{default_holder, EtcdArbiter};
 use vmm_takeover_core::vmm_keepalive::EffectiveKeepalive;
 use vmm_takeover_core::ArbiterSession;
 
-use cli::{Cli, Command};
+use cli::Command;
 use guest_report::GuestReport;
 
 type Subscriber = Rc<RefCell<dyn MutEventSubscriber>>;
@@ -97,8 +97,22 @@ impl From<String> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Logging starts before parsing (a value parser may log); `--log-level`, which may come
+    // from the config file, replaces the filter once known.
     output::init();
-    let cli = Cli::parse();
+    let cli = match config::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        // clap prints its own errors (exit 2), and --help/--version (exit 0).
+        Err(config::ParseError::Clap(e)) => e.exit(),
+        Err(config::ParseError::Config(e)) => {
+            output::stderr_line(format!("vmm-takeover: {e}\n"));
+            output::flush(output::EXIT_FLUSH);
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    if let Some(level) = cli.log_level {
+        output::set_log_level(Some(level.filter()));
+    }
     let r = match cli.command {
         Command::Source(a) => {
             ops::notify::start();
@@ -111,6 +125,9 @@ fn main() -> ExitCode {
         Command::Status(a) => status(a),
         Command::Demo(a) => demo::run(a).map(|()| exit::OK).map_err(Failure::runtime),
         Command::Keygen(a) => keygen(a),
+        Command::CheckConfig(a) => check_config(a),
+        Command::Man(a) => man(a),
+        Command::Completions(a) => completions(a),
     };
     let code = match r {
         Ok(code) => code,
@@ -149,6 +166,78 @@ fn keygen(a: cli::KeygenArgs) -> Result<u8, Failure> {
         json!({"path": a.path.display().to_string(), "key_id": id, "added": a.add}),
     );
     Ok(exit::OK)
+}
+
+/// `vmm-takeover check-config`: the `config-ok` event, or the first error (exit 2).
+fn check_config(a: cli::CheckConfigArgs) -> Result<u8, Failure> {
+    let checked = config::check(&a.path, a.keys).map_err(|e| Failure {
+        code: exit::USAGE,
+        message: match e {
+            // An error clap renders (a value it refused late): one line of it.
+            config::ParseError::Clap(e) => e.render().to_string().trim().to_string(),
+            config::ParseError::Config(e) => e.to_string(),
+        },
+    })?;
+    events::emit(
+        "config-ok",
+        json!({
+            "path": a.path.display().to_string(),
+            "tables": checked.tables,
+            "key_files_checked": a.keys,
+        }),
+    );
+    Ok(exit::OK)
+}
+
+/// `vmm-takeover man [SUBCOMMAND]`: the roff page on stdout.
+fn man(a: cli::ManArgs) -> Result<u8, Failure> {
+    let cmd = config::command();
+    let page = match &a.subcommand {
+        None => cmd,
+        Some(name) => {
+            let sub = cmd.find_subcommand(name).cloned().ok_or_else(|| Failure {
+                code: exit::USAGE,
+                message: format!(
+                    "no subcommand {name:?}; one of: {}",
+                    cmd.get_subcommands()
+                        .map(|s| s.get_name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })?;
+            // The page of `vmm-takeover source` is vmm-takeover-source(1), as git does it.
+            let title = format!("vmm-takeover-{name}");
+            sub.name(title.clone())
+                .bin_name(title)
+                .version(cli::version())
+        }
+    };
+    let mut roff = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut roff)
+        .map_err(|e| Failure::runtime(format!("man page: {e}")))?;
+    write_stdout(&roff)
+}
+
+/// `vmm-takeover completions SHELL`: the script on stdout.
+fn completions(a: cli::CompletionsArgs) -> Result<u8, Failure> {
+    let mut cmd = config::command();
+    let mut script = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, "vmm-takeover", &mut script);
+    write_stdout(&script)
+}
+
+/// Writes a generated document to stdout in one piece (it is not an event line; nothing else
+/// is printed by these commands).
+fn write_stdout(bytes: &[u8]) -> Result<u8, Failure> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(exit::OK),
+        // `vmm-takeover man | head`: the reader had what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(exit::OK),
+        Err(e) => Err(Failure::runtime(format!("cannot write to stdout: {e}"))),
+    }
 }
 
 /// The link's credentials from `--psk-file` / `--insecure-no-auth` (a bad key file: exit 2).

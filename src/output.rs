@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
@@ -280,15 +280,54 @@ pub fn backlog() -> Result<usize, Error> {
 pub fn try_init() -> Result<(), Error> {
     let out = Output::start(backlog()?)?;
     let _ = OUTPUT.set(out);
-    let logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-            .format_timestamp_micros()
-            .target(env_logger::Target::Pipe(Box::new(LogPipe::default())))
-            .build();
-    let max = logger.filter();
-    log::set_boxed_logger(Box::new(logger))?;
-    log::set_max_level(max);
+    log::set_logger(&LOGGER)?;
+    set_log_level(None);
     Ok(())
+}
+
+/// The installed logger: env_logger behind a lock, so that `--log-level` (known only once the
+/// flags and the config file are parsed, after logging started) can replace its filter.
+struct SwitchLogger(RwLock<Option<env_logger::Logger>>);
+
+static LOGGER: SwitchLogger = SwitchLogger(RwLock::new(None));
+
+impl log::Log for SwitchLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        let l = self.0.read().unwrap_or_else(|e| e.into_inner());
+        l.as_ref().is_some_and(|l| l.enabled(m))
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let l = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = l.as_ref() {
+            l.log(r);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Sets the log filter: `Some(level)` replaces `RUST_LOG` entirely (`--log-level`); `None` is
+/// `RUST_LOG`, default `warn`.
+pub fn set_log_level(level: Option<log::LevelFilter>) {
+    let mut b = match level {
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")),
+        Some(l) => {
+            let mut b = env_logger::Builder::new();
+            b.filter_level(l);
+            if let Ok(style) = std::env::var("RUST_LOG_STYLE") {
+                b.parse_write_style(&style);
+            }
+            b
+        }
+    };
+    let logger = b
+        .format_timestamp_micros()
+        .target(env_logger::Target::Pipe(Box::new(LogPipe::default())))
+        .build();
+    let max = logger.filter();
+    *LOGGER.0.write().unwrap_or_else(|e| e.into_inner()) = Some(logger);
+    log::set_max_level(max);
 }
 
 /// [`try_init`], or the error on stderr and exit code 2 (as for a bad flag).

@@ -51,14 +51,16 @@ pub fn test_key() -> &'static str {
 }
 
 /// `args` with `--psk-file <test key>` added after a `source`/`backup` subcommand that says
-/// nothing about authentication.
+/// nothing about authentication (a `--config` file is left to say it).
 pub fn with_auth(args: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     if matches!(args.first(), Some(&"source") | Some(&"backup"))
-        && !args
-            .iter()
-            .take_while(|a| **a != "--")
-            .any(|a| *a == "--psk-file" || *a == "--insecure-no-auth")
+        && !args.iter().take_while(|a| **a != "--").any(|a| {
+            *a == "--psk-file"
+                || *a == "--insecure-no-auth"
+                || *a == "--config"
+                || a.starts_with("--config=")
+        })
     {
         v.insert(1, test_key().to_string());
         v.insert(1, "--psk-file".to_string());
