@@ -103,7 +103,10 @@ pub fn pause_hook(a: &SourceArgs) -> Result<WithGuest<Option<Box<dyn VmPause>>>,
         return Ok((Some(Box::new(hook)), None));
     }
     if let (Some(path), Some(uri)) = (&a.qmp, &a.migrate_to) {
-        let hook = QmpMigrate::new(path.clone(), uri, t).map_err(|e| e.to_string())?;
+        // A margin below the core's deadline for the pause, so that a migration that takes too
+        // long is reported (and cancelled) as such rather than as a pause timeout.
+        let bound = t.saturating_sub((t / 10).max(Duration::from_millis(100)));
+        let hook = QmpMigrate::new(path.clone(), uri, bound).map_err(|e| e.to_string())?;
         return Ok((Some(Box::new(hook)), None));
     }
     if let Some(path) = &a.qmp {

@@ -39,6 +39,10 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     let auth = crate::auth_json(&cfg.credentials, false);
     cfg.max_pending = a.max_pending as usize;
     cfg.max_pending_per_addr = a.max_pending_per_addr as usize;
+    if a.migrate_to.is_some() {
+        // HANDOFF must go to the backup whose QEMU receives the migration: there is one.
+        cfg.max_backups = 1;
+    }
     let detection_off = !cfg.keepalive.enabled && cfg.heartbeat.is_none();
     let (pause, guest) = hooks::pause_hook(&a)?;
     // With an arbiter the pair is ours before the guest runs: a source that finds it owned by a

@@ -164,12 +164,16 @@ fn when_the_source_dies_after_the_migration_completed_but_before_handoff_the_bac
     sq.execute("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
     p.source.signal(libc::SIGUSR1);
     sq.wait_migration(&["active"], EVENT_TIMEOUT);
-    // vmm-takeover stops (never to send HANDOFF); QEMU finishes the migration on its own.
+    // vmm-takeover stops (never to send HANDOFF). QEMU copies the rest and waits at the point
+    // of no return (`pre-switchover`), where the test does what the stopped source would have
+    // done next: `migrate-continue`. Then QEMU finishes the migration on its own.
     p.source.signal(libc::SIGSTOP);
     sq.execute(
         "migrate-set-parameters",
         json!({"max-bandwidth": 1u64 << 40}),
     );
+    sq.wait_migration(&["pre-switchover"], BOOT_TIMEOUT);
+    sq.execute("migrate-continue", json!({"state": "pre-switchover"}));
     sq.wait_migration(&["completed"], BOOT_TIMEOUT);
     assert_eq!(sq.status(), "postmigrate");
     let src_last = p.src_qemu.last_tick().unwrap();

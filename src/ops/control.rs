@@ -106,8 +106,15 @@ const FRESH: Duration = Duration::from_millis(5);
 /// What the control threads share: the way to the loop and its last answer.
 struct Shared {
     loop_tx: Mutex<Sender<Call>>,
-    last: Mutex<Option<(Instant, Value)>>,
+    last: Mutex<LoopState>,
     active: AtomicUsize,
+}
+
+/// The loop's last answer, and a call it has not answered yet.
+#[derive(Default)]
+struct LoopState {
+    answer: Option<(Instant, Value)>,
+    outstanding: Option<(mpsc::Receiver<Value>, Instant)>,
 }
 
 /// Opens `path` (mode 0600; a stale socket left by a dead process is replaced) and serves it
@@ -138,7 +145,7 @@ pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     let shared = Arc::new(Shared {
         loop_tx: Mutex::new(loop_tx),
-        last: Mutex::new(None),
+        last: Mutex::new(LoopState::default()),
         active: AtomicUsize::new(0),
     });
     std::thread::Builder::new()
@@ -183,30 +190,44 @@ pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
 fn ask_loop(sh: &Shared) -> Value {
     // Held while the loop answers: concurrent callers wait for this answer rather than queue
     // more calls on the loop.
-    let mut last = sh.last.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((at, v)) = &*last {
+    let mut st = sh.last.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, v)) = &st.answer {
         if at.elapsed() < FRESH {
             return v.clone();
         }
     }
-    let (tx, rx) = mpsc::channel();
-    let asked = Instant::now();
-    let sent = sh
-        .loop_tx
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(Call { reply: tx });
-    if !sent {
-        return json!({"error": "the event loop has ended"});
-    }
+    // A call the loop has not answered yet (it was hung or slow) is waited for again rather
+    // than joined by another: a loop that wakes up answers one call, not a backlog.
+    let (rx, asked) = match st.outstanding.take() {
+        Some(o) => o,
+        None => {
+            let (tx, rx) = mpsc::channel();
+            let sent = sh
+                .loop_tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(Call { reply: tx });
+            if !sent {
+                return json!({"error": "the event loop has ended"});
+            }
+            (rx, Instant::now())
+        }
+    };
     match rx.recv_timeout(LOOP_DEADLINE) {
         Ok(mut v) => {
             v["loop_answer_us"] = Value::from(asked.elapsed().as_micros() as u64);
-            *last = Some((Instant::now(), v.clone()));
+            st.answer = Some((Instant::now(), v.clone()));
             v
         }
-        Err(_) => json!({"error": format!(
-            "the event loop did not answer within {LOOP_DEADLINE:?}: it is hung or overloaded")}),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            st.outstanding = Some((rx, asked));
+            json!({"error": format!(
+                "the event loop did not answer within {LOOP_DEADLINE:?}: it is hung or \
+                 overloaded")})
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            json!({"error": "the event loop has ended"})
+        }
     }
 }
 

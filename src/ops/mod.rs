@@ -348,6 +348,10 @@ pub fn observe(name: &str, f: &Value) {
             }
         }
         "handoff-requested" => o.set_state(HandingOff),
+        // Not resumed: the guest runs nowhere (or its image is elsewhere): an operator decides.
+        "handoff-failed" if f.get("resumed").and_then(Value::as_bool) == Some(false) => {
+            o.set_state(Failed);
+        }
         "handoff-failed" => o.set_state(if o.backups.load(Relaxed) > 0 {
             Protected
         } else {

@@ -3,27 +3,37 @@
 //! backup's QEMU and wait until it completed".
 //!
 //! [`QmpMigrate::vm_pause`] enables the `events` capability (so `MIGRATION` events reach every
-//! QMP client watching), sends `migrate` to the destination URI (a QEMU started with
-//! `-S -incoming`), and follows `query-migrate` until QEMU reports `completed`, `failed` or
-//! `cancelled`: QEMU says when it is done, nothing here guesses. Only `completed` with the source
-//! in `postmigrate` counts as paused; then the core sends HANDOFF and the backup resumes the
-//! migrated guest with `cont`.
+//! QMP client watching) and `pause-before-switchover`, sends `migrate` to the destination URI (a
+//! QEMU started with `-S -incoming`), and follows `query-migrate` until QEMU reports `completed`,
+//! `failed` or `cancelled`: QEMU says when it is done, nothing here guesses. Only `completed`
+//! with the source in `postmigrate` counts as paused; then the core sends HANDOFF and the backup
+//! resumes the migrated guest with `cont`.
+//!
+//! **The point of no return.** With `pause-before-switchover` QEMU stops the guest and waits in
+//! `pre-switchover` before it sends the device state; only then does the hook say
+//! `migrate-continue`. Before that point the destination cannot hold a complete image, so the
+//! migration may be cancelled (an abort, the deadline, every backup gone) and the guest run on
+//! here. From that point on the migration is *committed*: QEMU does not promise that both ends
+//! agree on how a late failure ended (the destination may have loaded everything), so a
+//! committed migration is never cancelled, and if it does not end `completed` the guest is
+//! stopped again and never resumed here: an operator decides.
 //!
 //! One QMP session follows the migration (`query-migrate` every millisecond), but it is given up
 //! and opened again every 200 ms rather than held for the whole migration: QEMU serves one
 //! client per monitor, and the source's health check must keep getting through while a long
 //! migration runs.
 //!
-//! [`QmpMigrate::vm_resume`] (the handoff failed) cancels a migration still under way and lets the
-//! guest run on here; after a **completed** migration it refuses: the destination holds the
-//! guest, and a source that ran on could be a second copy the moment anyone resumes the
-//! destination. The source then stays in `postmigrate` and an operator decides.
+//! [`QmpMigrate::vm_resume`] (the handoff failed) lets the guest run on here only if no migration
+//! was committed and the guest ran before the handoff; after a completed or committed migration
+//! it refuses, for good: the destination may hold the guest, and a source that ran on could be a
+//! second copy the moment anyone resumes the destination. [`QmpMigrate::vm_fence`] (the lease ran
+//! out) cancels an uncommitted migration and stops the guest with QMP `stop`, without waiting.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use serde_json::{json, Value};
 use vmm_takeover_core::{AbortHandle, HookError, VmPause};
 
@@ -69,10 +79,12 @@ pub enum MigrateError {
     /// The source was not left in `postmigrate` after `completed`.
     #[error("the migration completed but QEMU is {0}, not postmigrate")]
     NotPostmigrate(String),
-    /// Resuming after a completed migration is refused (see the module docs).
+    /// Resuming (or migrating again) after a completed or committed migration is refused (see
+    /// the module docs).
     #[error(
-        "the live migration to {0} completed: the destination holds the guest, so it is not \
-         resumed here (a second copy could run); it stays in postmigrate for an operator"
+        "the live migration to {0} completed or passed its point of no return: the destination \
+         may hold the guest, so it is not resumed here (a second copy could run); it stays \
+         stopped for an operator"
     )]
     Completed(String),
     /// The caller gave up (hook deadline or stop).
@@ -125,6 +137,11 @@ pub struct QmpMigrate {
     aborted: Arc<AtomicBool>,
     /// The last `completed` report, once there is one.
     completed: Arc<Mutex<Option<MigrationInfo>>>,
+    /// A migration passed the point of no return (see the module docs): never resumed here
+    /// again. Sticky, like `completed`.
+    committed: bool,
+    /// The guest ran when the last migration began: only then may a resume `cont` it.
+    was_running: bool,
 }
 
 impl QmpMigrate {
@@ -142,6 +159,8 @@ impl QmpMigrate {
             timeout,
             aborted: Arc::default(),
             completed: Arc::default(),
+            committed: false,
+            was_running: false,
         })
     }
 
@@ -169,20 +188,34 @@ impl QmpMigrate {
         }
     }
 
-    /// Follows the migration until it ends, the deadline, or an abort; returns what ended it
-    /// and the session that saw it. One session is kept, but given up every [`SESSION`] so
-    /// that the source's health check (a client of the same monitor) gets its turn.
+    /// Follows the migration until it ends; returns what ended it and the session that saw it.
+    /// Before the point of no return an abort or the deadline cancels it; at `pre-switchover`
+    /// it is committed and continued, and from then on nothing cancels it. One session is kept,
+    /// but given up every [`SESSION`] so that the source's health check (a client of the same
+    /// monitor) gets its turn.
     fn follow(
-        &self,
+        &mut self,
         deadline: Instant,
         mut session: Option<QmpClient>,
     ) -> Result<(MigrationInfo, QmpClient), MigrateError> {
         let mut opened = Instant::now();
         loop {
-            if self.aborted.load(Ordering::SeqCst) {
-                drop(session);
-                self.cancel();
-                return Err(MigrateError::Aborted(self.uri.clone()));
+            if !self.committed {
+                let give_up = if self.aborted.load(Ordering::SeqCst) {
+                    Some(MigrateError::Aborted(self.uri.clone()))
+                } else if Instant::now() >= deadline {
+                    Some(MigrateError::Timeout {
+                        uri: self.uri.clone(),
+                        timeout: self.timeout,
+                    })
+                } else {
+                    None
+                };
+                if let Some(e) = give_up {
+                    drop(session);
+                    self.cancel();
+                    return Err(e);
+                }
             }
             if session.is_none() || opened.elapsed() >= SESSION {
                 drop(session.take());
@@ -194,36 +227,60 @@ impl QmpMigrate {
             if info.ended() {
                 return Ok((info, session.expect("open")));
             }
-            if Instant::now() >= deadline {
-                drop(session);
-                self.cancel();
-                return Err(MigrateError::Timeout {
-                    uri: self.uri.clone(),
-                    timeout: self.timeout,
-                });
+            if info.status == "pre-switchover" && !self.committed {
+                // The guest is stopped and the device state not sent: the point of no return.
+                self.committed = true;
+                info!("migration to {}: switching over", self.uri);
+                c.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+                continue;
             }
             std::thread::sleep(POLL);
         }
     }
 
     fn migrate(&mut self) -> Result<MigrationInfo, MigrateError> {
-        self.aborted.store(false, Ordering::SeqCst);
+        if self.committed || self.completed().is_some() {
+            // Not again from here: the destination may hold the guest (see vm_resume).
+            return Err(MigrateError::Completed(self.uri.clone()));
+        }
         let deadline = Instant::now() + self.timeout;
         let mut c = self.vm.connect()?;
+        self.was_running = c.query_status()?.running;
         c.execute(
             "migrate-set-capabilities",
-            Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
+            Some(json!({"capabilities": [
+                {"capability": "events", "state": true},
+                {"capability": "pause-before-switchover", "state": true},
+            ]})),
         )?;
         c.execute("migrate", Some(json!({"uri": self.uri})))?;
         info!("migration to {}: started", self.uri);
-        let (info, mut c) = self.follow(deadline, Some(c))?;
+        let followed = self.follow(deadline, Some(c));
+        let (info, mut c) = match followed {
+            Ok(x) => x,
+            Err(e) => {
+                // QMP failed under way: never leave a migration running unsupervised.
+                if matches!(e, MigrateError::Qmp(_)) && !self.committed {
+                    self.cancel();
+                }
+                if self.committed {
+                    self.stop_for_good();
+                }
+                return Err(e);
+            }
+        };
         if info.status != "completed" {
+            if self.committed {
+                // QEMU may have restarted the guest itself; the destination may hold it too.
+                self.stop_for_good();
+            }
             return Err(MigrateError::Ended {
                 uri: self.uri.clone(),
                 status: info.status,
                 desc: info.error.unwrap_or_default(),
             });
         }
+        self.committed = true;
         *self.completed.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
         // `query-migrate` can say `completed` a moment before the run state leaves
         // `finish-migrate`.
@@ -242,6 +299,22 @@ impl QmpMigrate {
             self.uri, info.downtime_ms, info.total_ms
         );
         Ok(info)
+    }
+
+    /// After a committed migration that did not complete: the guest must not run here.
+    fn stop_for_good(&self) {
+        match self.vm.stop() {
+            Ok(_) => warn!(
+                "migration to {}: failed after the point of no return; the guest is stopped \
+                 here and stays stopped",
+                self.uri
+            ),
+            Err(e) => error!(
+                "migration to {}: failed after the point of no return and the guest could \
+                 not be stopped: {e}",
+                self.uri
+            ),
+        }
     }
 }
 
@@ -263,17 +336,20 @@ pub fn check_uri(uri: &str) -> Result<(), MigrateError> {
 
 impl VmPause for QmpMigrate {
     fn vm_pause(&mut self) -> Result<(), HookError> {
-        self.migrate()?;
+        let r = self.migrate();
+        // Cleared when the job ends, not when it starts: an abort that came before the job
+        // began is still seen by it.
+        self.aborted.store(false, Ordering::SeqCst);
+        r?;
         Ok(())
     }
 
     fn vm_resume(&mut self) -> Result<(), HookError> {
-        // An abort ended the pause; the resume is a call of its own.
         self.aborted.store(false, Ordering::SeqCst);
-        let info = self.query().map_err(MigrateError::from)?;
-        if info.status == "completed" {
+        if self.committed || self.completed().is_some() {
             return Err(MigrateError::Completed(self.uri.clone()).into());
         }
+        let info = self.query().map_err(MigrateError::from)?;
         if !info.ended() && info.status != "none" {
             self.cancel();
             let deadline = Instant::now() + self.vm.timeout;
@@ -283,6 +359,14 @@ impl VmPause for QmpMigrate {
                 return Err(MigrateError::Completed(self.uri.clone()).into());
             }
         }
+        if !self.was_running {
+            info!(
+                "migration to {}: did not happen; the guest was not running before, so it is \
+                 left as it is",
+                self.uri
+            );
+            return Ok(());
+        }
         // A failed or cancelled migration leaves the guest running; `cont` covers a QEMU that
         // left it paused.
         self.vm.cont()?;
@@ -290,6 +374,18 @@ impl VmPause for QmpMigrate {
             "migration to {}: did not happen; the guest runs here",
             self.uri
         );
+        Ok(())
+    }
+
+    fn vm_fence(&mut self) -> Result<(), HookError> {
+        if !self.committed {
+            if let Ok(info) = self.query() {
+                if !info.ended() && info.status != "none" {
+                    self.cancel();
+                }
+            }
+        }
+        self.vm.stop()?;
         Ok(())
     }
 

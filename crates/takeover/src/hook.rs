@@ -127,6 +127,13 @@ pub trait VmPause: Send {
         Err(format!("the pause hook {} cannot resume the guest", self.describe()).into())
     }
 
+    /// Stops the guest for good because the lease ran out (fencing): as fast as it can, and
+    /// never by anything slower than a pause. The default is [`vm_pause`](Self::vm_pause); a
+    /// hook whose pause is slow (a live migration) stops the guest directly.
+    fn vm_fence(&mut self) -> Result<(), HookError> {
+        self.vm_pause()
+    }
+
     /// A short human description.
     fn describe(&self) -> String;
 

@@ -1133,7 +1133,7 @@ impl SourceListener {
                 let job = move || {
                     hook.lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .vm_pause()
+                        .vm_fence()
                         .map_err(|e| e.to_string())
                 };
                 if let Err(e) = offload("vm-fence", &tx, job, Msg::Fenced) {

@@ -175,6 +175,8 @@ pub fn step(state: State, input: Input, policy: Policy) -> (State, Actions<Actio
     use State as S;
     let to = |s, actions: &[Action]| (s, Actions::of(actions));
     match (state, input) {
+        // A pause under way (a live migration) is given up first: the fence must not wait for it.
+        (S::Pausing, I::LeaseExpired) => to(S::Fenced, &[A::AbortPause, A::Fence]),
         (s, I::LeaseExpired) if !s.is_done() => to(S::Fenced, &[A::Fence]),
         (S::Serving, I::HandoffRequested { joined: 0 }) => {
             to(S::Serving, &[A::Refuse(Refusal::NoBackup)])
