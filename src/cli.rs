@@ -71,7 +71,8 @@ pub enum Command {
     Source(SourceArgs),
     /// Backup side: connect to the source and run the vm_start hook when the source dies.
     Backup(BackupArgs),
-    /// One-command demo on loopback: source and backup with dummy KVM guests, a fault, a timeline.
+    /// One-command demo on loopback: a source and a backup (dummy KVM or real Linux guests), a
+    /// fault, a timeline.
     Demo(DemoArgs),
     /// Write a fresh key file for `--psk-file` (mode 0600), or add a key to one (rotation).
     Keygen(KeygenArgs),
@@ -148,7 +149,8 @@ pub enum Fault {
     Kill,
     /// SIGTERM: an orderly stop; the backup stands down and does NOT take over.
     Stop,
-    /// SIGUSR1: a planned handoff; the source pauses its guest, then the backup takes over.
+    /// SIGUSR1: a planned handoff; the source pauses its guest (with `--guest linux`: migrates it
+    /// live to the backup's QEMU), then the backup takes over.
     Handoff,
 }
 
@@ -163,12 +165,48 @@ impl Fault {
     }
 }
 
+/// The guest the demo runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoGuest {
+    /// A dummy KVM guest inside each process (a labelled simulation without /dev/kvm): about
+    /// two seconds.
+    Dummy,
+    /// A real Linux guest under QEMU (TCG, no KVM needed), live-migrated to the backup's QEMU on
+    /// a handoff; needs qemu-system-x86, linux-image-cloud-amd64 and busybox-static (about ten
+    /// seconds).
+    Linux,
+}
+
 /// `vmm-takeover demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Which failure to inject into the source.
-    #[arg(long, value_enum, default_value_t = Fault::Kill)]
-    pub fault: Fault,
+    /// Which guest the source runs and the backup stands by with.
+    #[arg(long, value_enum, default_value_t = DemoGuest::Dummy)]
+    pub guest: DemoGuest,
+    /// Which failure to inject into the source [default: kill with the dummy guest, handoff with
+    /// linux, which refuses kill: its standby QEMU holds no image before a migration].
+    #[arg(long, value_enum)]
+    pub fault: Option<Fault>,
+}
+
+impl DemoArgs {
+    /// The fault to inject: the one asked for, else the guest's default; `Err(why)` for a fault
+    /// the guest cannot show.
+    pub fn fault(&self) -> Result<Fault, String> {
+        match (self.guest, self.fault) {
+            (DemoGuest::Dummy, f) => Ok(f.unwrap_or(Fault::Kill)),
+            (DemoGuest::Linux, None) => Ok(Fault::Handoff),
+            (DemoGuest::Linux, Some(Fault::Kill)) => Err(
+                "--fault kill is refused with --guest linux: the backup's standby QEMU waits for \
+                 an incoming live migration (-incoming) and holds no guest image before one has \
+                 run, so after a crash there is nothing to resume (the backup would exit 9, \
+                 migration-incomplete). Use --fault handoff (a live migration, then HANDOFF) or \
+                 --fault stop; crash takeover is shown by --guest dummy --fault kill."
+                    .to_string(),
+            ),
+            (DemoGuest::Linux, Some(f)) => Ok(f),
+        }
+    }
 }
 
 /// Keepalive flag shared by both sides.

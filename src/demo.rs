@@ -4,6 +4,11 @@
 //! Runs this very binary twice — a source with a running dummy guest and a backup holding a paused
 //! one — arms the link, injects a fault, and prints a timeline built from the JSON events the two
 //! processes print. It exits 0 only if what it shows really happened.
+//!
+//! `--guest linux` tells the same story with a real Linux guest under QEMU, live-migrated to the
+//! backup's QEMU on a handoff: see [`linux`].
+
+mod linux;
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
@@ -14,8 +19,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmm_takeover_guest::DummyVm;
 
-use crate::cli::{DemoArgs, Fault};
+use crate::cli::{DemoArgs, DemoGuest, Fault};
 use crate::events::unix_us;
+use crate::{exit, Failure};
 
 /// Upper bound for any one step; generous, the demo normally takes about two seconds.
 const STEP: Duration = Duration::from_secs(15);
@@ -93,8 +99,19 @@ impl Demo {
 
     /// Waits for an event of `who` that satisfies `pred`; `who`'s earlier events are skipped.
     fn wait(&self, who: Who, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value, String> {
-        let deadline = Instant::now() + STEP;
-        let timeout = || format!("{} never reported {what} within {STEP:?}", who.name());
+        self.wait_within(STEP, who, what, pred)
+    }
+
+    /// [`Demo::wait`] with another bound than [`STEP`] (a live migration under TCG is slower).
+    fn wait_within(
+        &self,
+        bound: Duration,
+        who: Who,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value, String> {
+        let deadline = Instant::now() + bound;
+        let timeout = || format!("{} never reported {what} within {bound:?}", who.name());
         loop {
             let next = self.pending.borrow_mut()[who as usize].pop_front();
             let v = match next {
@@ -144,6 +161,15 @@ impl Drop for Demo {
     }
 }
 
+/// The signal that injects `fault`, and how the timeline names it.
+fn signal(fault: Fault) -> (i32, &'static str) {
+    match fault {
+        Fault::Kill => (libc::SIGKILL, "SIGKILL (crash)"),
+        Fault::Stop => (libc::SIGTERM, "SIGTERM (orderly stop)"),
+        Fault::Handoff => (libc::SIGUSR1, "SIGUSR1 (planned handoff)"),
+    }
+}
+
 fn us(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
 }
@@ -152,7 +178,8 @@ fn counter(v: &Value) -> u64 {
     us(v, "counter")
 }
 
-/// A private directory (0700) for the demo's key file, removed on drop.
+/// A private directory (0700) for the demo's key file (and, with `--guest linux`, the guest image
+/// and the QEMUs' consoles and sockets), removed on drop.
 struct KeyDir {
     dir: std::path::PathBuf,
     path: std::path::PathBuf,
@@ -181,8 +208,13 @@ impl Drop for KeyDir {
     }
 }
 
-/// Runs the demo; `Ok` only if the story it told really happened.
-pub fn run(a: DemoArgs) -> Result<(), String> {
+/// Runs the demo; `Ok` only if the story it told really happened. A fault the guest cannot show
+/// is a usage error (exit 2), refused before anything starts.
+pub fn run(a: DemoArgs) -> Result<(), Failure> {
+    let fault = a.fault().map_err(|message| Failure {
+        code: exit::USAGE,
+        message,
+    })?;
     let (tx, rx) = mpsc::channel();
     let mut d = Demo {
         rx,
@@ -192,19 +224,65 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         t0_us: unix_us(std::time::SystemTime::now()),
         children: Vec::new(),
     };
-    let r = story(&mut d, a);
+    let r = match a.guest {
+        DemoGuest::Dummy => story(&mut d, fault),
+        DemoGuest::Linux => linux::story(&mut d, fault),
+    };
     d.print_timeline();
     match r {
         Ok(result) => {
             println!("\nRESULT: {result}");
             Ok(())
         }
-        Err(e) => Err(e),
+        Err(e) => Err(Failure::runtime(e)),
     }
 }
 
-/// The demo's story; returns the result line.
-fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
+/// A throwaway key for this run in `keys`: the link is authenticated as in production, with
+/// nothing to set up. Returns its path for `--psk-file`.
+fn throwaway_key(keys: &KeyDir) -> Result<String, String> {
+    let key = keys.path.to_string_lossy().into_owned();
+    let id = vmm_takeover_core::auth::keygen(&keys.path)
+        .map_err(|e| format!("cannot make the demo's throwaway key: {e}"))?;
+    println!("throwaway key {id} written to {key} (both sides use it: --psk-file)\n");
+    Ok(key)
+}
+
+/// The timeline line for the backup's `armed` event.
+fn armed_line(d: &Demo, armed: &Value, bak_pid: i32) {
+    let k = &armed["keepalive"];
+    d.line(
+        us(armed, "at_unix_us"),
+        "backup",
+        &format!(
+            "link armed and authenticated with key {} (pid {bak_pid}): keepalive idle={}s \
+             intvl={}s cnt={}, worst-case silent-failure bound {} ms (enforced by the backup's \
+             watchdog)",
+            armed["auth"]["key_id"], k["idle_s"], k["interval_s"], k["count"], k["bound_ms"]
+        ),
+    );
+}
+
+/// Sends `sig` to the source (our child) and puts the fault on the timeline; returns when.
+fn inject(d: &Demo, src_pid: i32, sig: i32, name: &str) -> Result<u64, String> {
+    let fault_us = unix_us(std::time::SystemTime::now());
+    // SAFETY: kill(2) on our own child.
+    if unsafe { libc::kill(src_pid, sig) } != 0 {
+        return Err(format!(
+            "kill {src_pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    d.line(
+        fault_us,
+        "FAULT",
+        &format!("{name} -> source pid {src_pid}"),
+    );
+    Ok(fault_us)
+}
+
+/// The demo's story with the dummy guest; returns the result line.
+fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
     let kind = match DummyVm::probe() {
         Ok(()) => "kvm-dummy",
         Err(e) => {
@@ -220,16 +298,12 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
     };
     println!(
         "vmm-takeover demo: fault = {}, guest = {guest_label}\n",
-        a.fault.as_str()
+        fault.as_str()
     );
 
-    // A throwaway key for this run: the link is authenticated as in production, with nothing
-    // to set up. It lives in a private directory removed when the demo ends.
+    // It lives in a private directory removed when the demo ends.
     let keys = KeyDir::new()?;
-    let key = keys.path.to_string_lossy().into_owned();
-    let id = vmm_takeover_core::auth::keygen(&keys.path)
-        .map_err(|e| format!("cannot make the demo's throwaway key: {e}"))?;
-    println!("throwaway key {id} written to {key} (both sides use it: --psk-file)\n");
+    let key = throwaway_key(&keys)?;
 
     let src_pid = d.start(
         Who::Source,
@@ -268,17 +342,7 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
         ],
     )?;
     let armed = d.event(Who::Backup, "armed")?;
-    let k = &armed["keepalive"];
-    d.line(
-        us(&armed, "at_unix_us"),
-        "backup",
-        &format!(
-            "link armed and authenticated with key {} (pid {bak_pid}): keepalive idle={}s \
-             intvl={}s cnt={}, worst-case silent-failure bound {} ms (enforced by the backup's \
-             watchdog)",
-            armed["auth"]["key_id"], k["idle_s"], k["interval_s"], k["count"], k["bound_ms"]
-        ),
-    );
+    armed_line(d, &armed, bak_pid);
 
     // Evidence before the fault: the source's guest runs, the backup's executes nothing.
     let sg = d.wait(Who::Source, "a running guest", |v| {
@@ -301,26 +365,10 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
         "standby guest paused: counter 0, 0 guest exits",
     );
 
-    let (sig, name) = match a.fault {
-        Fault::Kill => (libc::SIGKILL, "SIGKILL (crash)"),
-        Fault::Stop => (libc::SIGTERM, "SIGTERM (orderly stop)"),
-        Fault::Handoff => (libc::SIGUSR1, "SIGUSR1 (planned handoff)"),
-    };
-    let fault_us = unix_us(std::time::SystemTime::now());
-    // SAFETY: kill(2) on our own child.
-    if unsafe { libc::kill(src_pid, sig) } != 0 {
-        return Err(format!(
-            "kill {src_pid}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    d.line(
-        fault_us,
-        "FAULT",
-        &format!("{name} -> source pid {src_pid}"),
-    );
+    let (sig, name) = signal(fault);
+    let fault_us = inject(d, src_pid, sig, name)?;
 
-    match a.fault {
+    match fault {
         Fault::Stop => {
             let sd = d.event(Who::Source, "stand-down-sent")?;
             d.line(us(&sd, "at_unix_us"), "source", "sent STAND_DOWN, exiting");
@@ -370,7 +418,7 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
 
     let t = d.event(Who::Backup, "takeover")?;
     let reason = t["reason"].as_str().unwrap_or("?").to_string();
-    let want = if a.fault == Fault::Kill {
+    let want = if fault == Fault::Kill {
         "peer-closed"
     } else {
         "handoff"
@@ -387,7 +435,7 @@ fn story(d: &mut Demo, a: DemoArgs) -> Result<String, String> {
         "backup",
         &format!(
             "{} {:.3} ms after the signal: reason {reason}",
-            if a.fault == Fault::Kill {
+            if fault == Fault::Kill {
                 "loss detected"
             } else {
                 "HANDOFF received"

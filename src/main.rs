@@ -123,7 +123,7 @@ fn main() -> ExitCode {
             backup_cmd::run(a)
         }
         Command::Status(a) => status(a),
-        Command::Demo(a) => demo::run(a).map(|()| exit::OK).map_err(Failure::runtime),
+        Command::Demo(a) => demo::run(a).map(|()| exit::OK),
         Command::Keygen(a) => keygen(a),
         Command::CheckConfig(a) => check_config(a),
         Command::Man(a) => man(a),

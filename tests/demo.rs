@@ -8,17 +8,33 @@ use std::process::Command;
 use common::{bin, skip};
 
 fn demo(fault: &str) -> String {
-    let out = Command::new(bin())
-        .args(["demo", "--fault", fault])
-        .output()
-        .unwrap();
+    demo_with(&["--fault", fault])
+}
+
+/// `vmm-takeover demo ARGS`: its stdout, after checking it exited 0.
+fn demo_with(args: &[&str]) -> String {
+    let out = Command::new(bin()).arg("demo").args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{stdout}");
     assert!(
         out.status.success(),
-        "demo --fault {fault} failed: {stdout}"
+        "demo {args:?} failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Whether this machine can run the Linux guest (QEMU, the cloud kernel, busybox-static): the
+/// same checks as the Linux guest tests; prints SKIPPED (fails in CI) when not.
+fn linux_guest_available() -> bool {
+    match common::linux::try_guest_image() {
+        Ok(_) => true,
+        Err(why) => {
+            skip(&why);
+            false
+        }
+    }
 }
 
 #[test]
@@ -73,4 +89,63 @@ fn demo_without_kvm_falls_back_to_a_labelled_simulation() {
     assert!(stdout.contains("/dev/kvm is not usable"), "{stdout}");
     assert!(stdout.contains("SIMULATED guest"), "{stdout}");
     assert!(stdout.contains("RESULT: takeover verified"), "{stdout}");
+}
+
+/// `--guest linux` (default fault: handoff): the real Linux guest migrates to the backup's QEMU
+/// and its console carries on there, same boot; the source's QEMU is left in postmigrate.
+#[test]
+fn demo_linux_handoff_migrates_the_guest_and_it_carries_on() {
+    if !linux_guest_available() {
+        return;
+    }
+    let out = demo_with(&["--guest", "linux"]);
+    assert!(out.contains("fault = handoff"), "{out}");
+    assert!(
+        out.contains("live migration to the backup's QEMU completed"),
+        "{out}"
+    );
+    assert!(out.contains("reason handoff"), "{out}");
+    assert!(out.contains("guest on source: counter "), "{out}");
+    assert!(out.contains("QEMU now postmigrate"), "{out}");
+    assert!(out.contains("— continues, no reboot"), "{out}");
+    assert!(out.contains("RESULT: live handoff verified"), "{out}");
+}
+
+/// `--guest linux --fault stop`: the backup stands down; its QEMU never gets an image nor runs.
+#[test]
+fn demo_linux_stop_leaves_the_waiting_qemu_alone() {
+    if !linux_guest_available() {
+        return;
+    }
+    let out = demo_with(&["--guest", "linux", "--fault", "stop"]);
+    assert!(
+        out.contains("received STAND_DOWN: not taking over"),
+        "{out}"
+    );
+    assert!(
+        out.contains("its QEMU: status inmigrate, 0 guest lines"),
+        "{out}"
+    );
+    assert!(out.contains("RESULT: orderly stop"), "{out}");
+}
+
+/// `--guest linux --fault kill` is a usage error, refused before anything starts (so no QEMU is
+/// needed to check it): a standby QEMU waiting for a migration has nothing to resume after a
+/// crash.
+#[test]
+fn demo_linux_refuses_kill_and_says_why() {
+    let out = Command::new(bin())
+        .args(["demo", "--guest", "linux", "--fault", "kill"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty(), "it started anyway");
+    assert!(
+        stderr.contains("--fault kill is refused with --guest linux"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("holds no guest image"), "{stderr}");
+    assert!(stderr.contains("nothing to resume"), "{stderr}");
+    assert!(stderr.contains("exit 9, migration-incomplete"), "{stderr}");
 }
