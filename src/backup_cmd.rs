@@ -1,16 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `vmm-takeover backup`: the library's `BackupMonitor` in an `EventManager`, its notices as JSON
-//! events, signals as calls through its handle.
+//! events, signals as calls through its handle. With `--then-listen`, a backup that took over is
+//! then promoted to source on the same loop (re-protection; `docs/split-brain.md`).
 
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
 use log::warn;
 use serde_json::json;
-use vmm_takeover_core::{BackupConfig, BackupMonitor, BackupNotice};
+use vmm_keepalive::UserTimeout;
+use vmm_takeover_core::auth::Credentials;
+use vmm_takeover_core::{
+    ArbiterSession, BackupConfig, BackupMonitor, BackupNotice, SourceConfig, SourceHandle,
+    SourceListener, VmPause,
+};
+use vmm_takeover_guest::{QmpVm, StandbyGuest};
 
 use crate::cli::BackupArgs;
 use crate::events::{self, emit, unix_us};
@@ -30,6 +39,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     cfg.hook_timeout = a.hook_timeout;
     cfg.retry_rejected = a.retry_rejected;
     cfg.credentials = crate::credentials(&a.auth)?;
+    let credentials = cfg.credentials.clone();
     let auth = crate::auth_json(&cfg.credentials, true);
     let incomplete = Arc::new(AtomicBool::new(false));
     let (hook, guest) = hooks::start_hook(&a, &incomplete)?;
@@ -37,7 +47,19 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
     // With an arbiter the process also stays to hold the pair's lease for the guest it started:
     // were it to leave, the lease would run out under a running guest.
-    let keep_running = guest.is_some() || session.is_some();
+    // With --then-listen it stays to serve as the pair's source.
+    let keep_running = guest.is_some() || session.is_some() || a.then_listen.is_some();
+    // Set once the guest runs here and promotion is asked (--then-listen): the loop returns,
+    // the listener is added, the loop runs again.
+    let promote = Exit::default();
+    let pr = promote.clone();
+    let promote_asked = a.then_listen.is_some();
+    // The heartbeat interval the source announced on the last armed link, and the epoch won:
+    // what a promoted source carries over.
+    let announced: Arc<Mutex<Option<Duration>>> = Arc::default();
+    let an = announced.clone();
+    let won: Arc<Mutex<Option<u64>>> = Arc::default();
+    let wo = won.clone();
     let g = guest.clone();
     let exit = Exit::default();
     let ex = exit.clone();
@@ -75,6 +97,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 heartbeat,
                 deadline,
             } => {
+                *an.lock().unwrap_or_else(|e| e.into_inner()) = *heartbeat;
                 emit(
                     "armed",
                     json!({
@@ -103,6 +126,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
             ),
             BackupNotice::Takeover(r) => {
                 to.store(true, Ordering::SeqCst);
+                *wo.lock().unwrap_or_else(|e| e.into_inner()) = r.epoch;
                 emit(
                     "takeover",
                     json!({
@@ -124,6 +148,9 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                     );
                     if keep_running && !sa.load(Ordering::SeqCst) {
                         sv.store(true, Ordering::SeqCst);
+                        if promote_asked {
+                            pr.set(exit::OK);
+                        }
                     } else {
                         ex.set(exit::OK);
                     }
@@ -211,10 +238,81 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     for s in ops.subscribers {
         em.add_subscriber(s);
     }
-    add_guest_report(&mut em, guest)?;
+    add_guest_report(&mut em, guest.clone())?;
     let ex = exit.clone();
     let started = serving.clone();
-    let sigs = Signals::install(Box::new(move |kind| match kind {
+    // Once promoted, signals go to the listener, as for any source.
+    let promoted: Rc<RefCell<Option<SourceSignals>>> = Rc::default();
+    let pm = promoted.clone();
+    let sigs = Signals::install(Box::new(move |kind| {
+        if let Some((handle, pause_name)) = pm.borrow().as_ref() {
+            crate::source_cmd::on_signal(kind, handle, pause_name.as_deref());
+            return;
+        }
+        on_signal(kind, &handle, &stop_asked, &started, &ex);
+    }))
+    .map_err(|e| format!("signals: {e}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(sigs)));
+    let mut code = run_loop(&mut em, &[&exit, &promote])?;
+    if exit.get().is_none() && promote.get().is_some() {
+        let epoch = *won.lock().unwrap_or_else(|e| e.into_inner());
+        let heartbeat = a
+            .then_heartbeat
+            .or(*announced.lock().unwrap_or_else(|e| e.into_inner()));
+        let listen = a
+            .then_listen
+            .expect("promotion is asked with --then-listen");
+        let p = Promotion {
+            a: &a,
+            listen,
+            heartbeat,
+            credentials,
+            guest,
+            session: session.as_ref(),
+            epoch,
+        };
+        match p.start(&mut em) {
+            Ok(p) => {
+                *promoted.borrow_mut() = Some((p.handle, p.pause_name));
+                code = run_loop(&mut em, &[&p.exit, &p.vmm_exit, &exit])?;
+            }
+            // The guest runs here and keeps running: unprotected, said loudly, never stopped
+            // for want of a backup.
+            Err(why) => {
+                let message = format!(
+                    "cannot become the pair's source on {listen}: {why}; the guest keeps \
+                     running here, unprotected"
+                );
+                log::error!("{message}");
+                emit(
+                    "warning",
+                    json!({"what": "promotion-failed", "message": message}),
+                );
+                code = run_loop(&mut em, &[&exit])?;
+            }
+        }
+    }
+    drop(ops.control);
+    // A backup that started a guest keeps the pair to the end: its lease runs out on its own
+    // (TTL), never revoked from under a guest that may still run. Otherwise it holds nothing.
+    // A promoted source too: after a handoff the pair is already the new backup's, after a
+    // stand-down a `--qmp` guest may still run.
+    if !took_over.load(Ordering::SeqCst) {
+        close_arbiter(session.as_ref());
+    }
+    Ok(code)
+}
+
+/// The backup's signals: SIGTERM/SIGINT stop it (once its guest runs here, they end this
+/// process, the guest's VMM), SIGUSR1 is ignored.
+fn on_signal(
+    kind: SignalKind,
+    handle: &vmm_takeover_core::BackupHandle,
+    stop_asked: &AtomicBool,
+    started: &AtomicBool,
+    ex: &Exit,
+) {
+    match kind {
         SignalKind::Stop => {
             stop_asked.store(true, Ordering::SeqCst);
             // After a takeover with --vm the monitor is done; this process is the guest's VMM.
@@ -230,15 +328,98 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
         // A backup has no handoff to start; SIGUSR1 must not end it either.
         SignalKind::Handoff => warn!("SIGUSR1 ignored: a backup has nothing to hand off"),
         SignalKind::Hangup => crate::source_cmd::signal_ignored(),
-    }))
-    .map_err(|e| format!("signals: {e}"))?;
-    em.add_subscriber(Rc::new(RefCell::new(sigs)));
-    let code = run_loop(&mut em, &[&exit])?;
-    drop(ops.control);
-    // A backup that started a guest keeps the pair to the end: its lease runs out on its own
-    // (TTL), never revoked from under a guest that may still run. Otherwise it holds nothing.
-    if !took_over.load(Ordering::SeqCst) {
-        close_arbiter(session.as_ref());
     }
-    Ok(code)
+}
+
+/// Where a promoted source's signals go: its listener, and the name of its pause hook.
+type SourceSignals = (SourceHandle, Option<String>);
+
+/// What a backup that took over needs to become the pair's source (`--then-listen`).
+struct Promotion<'a> {
+    a: &'a BackupArgs,
+    listen: SocketAddr,
+    heartbeat: Option<Duration>,
+    credentials: Credentials,
+    guest: Option<StandbyGuest>,
+    session: Option<&'a ArbiterSession>,
+    epoch: Option<u64>,
+}
+
+/// A promoted source on the loop: the handle its signals go to, and its exit codes.
+struct Promoted {
+    handle: SourceHandle,
+    pause_name: Option<String>,
+    exit: Exit,
+    vmm_exit: Exit,
+}
+
+impl Promotion<'_> {
+    /// Binds the listener and adds it to `em`, for the guest that already runs here: nothing
+    /// new starts. From then on the events and `status` say `source`.
+    fn start(self, em: &mut EventManager<crate::Subscriber>) -> Result<Promoted, String> {
+        let a = self.a;
+        let epoch = match (self.session, self.epoch) {
+            (Some(_), None) => {
+                return Err("the fencing epoch won at the takeover is unknown".to_string())
+            }
+            (_, e) => e,
+        };
+        let mut cfg = SourceConfig::new(self.listen, a.pair_id.clone());
+        cfg.keepalive = a.keepalive.keepalive.with_user_timeout(UserTimeout::Auto);
+        cfg.heartbeat = self.heartbeat;
+        cfg.pause_timeout = a.hook_timeout;
+        let auth = crate::auth_json(&self.credentials, false);
+        cfg.credentials = self.credentials;
+        let keepalive = cfg.keepalive;
+        // The guest that runs here is what a handoff pauses: the standby guest (`--vm`) or the
+        // QEMU (`--qmp`, `stop`; `cont` if the handoff fails).
+        let pause: Box<dyn VmPause> = match (&self.guest, &a.qmp) {
+            (Some(g), _) => Box::new(g.clone()),
+            (None, Some(path)) => Box::new(QmpVm::new(path.clone()).with_timeout(a.hook_timeout)),
+            (None, None) => return Err("no guest to pause for a handoff".to_string()),
+        };
+        let exit = Exit::default();
+        let mut listener = SourceListener::new(
+            cfg,
+            crate::source_cmd::observer(
+                exit.clone(),
+                self.guest.clone(),
+                self.session.map(|s| s.holder().to_string()),
+                self.session.map(|s| s.describe().to_string()),
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let pause_name = Some(pause.describe());
+        listener.set_pause_hook(pause);
+        if let (Some(s), Some(epoch)) = (self.session, epoch) {
+            // The new owner's epoch carries over: the listener renews and fences as any source.
+            listener.set_arbiter(s.clone(), epoch);
+            if let Some(g) = self.guest.clone() {
+                listener.set_run_deadline_hook(Box::new(move |d| g.set_run_deadline(d)));
+            }
+        }
+        // QEMU's health, as a source with --qmp watches it (at its default interval).
+        let (watch, vmm_exit) =
+            crate::source_cmd::watch_vmm(&[], a.qmp.clone(), Duration::from_secs(1))
+                .map_err(|f| f.message)?;
+        events::set_role("source");
+        crate::ops::promote(listener.counters());
+        emit(
+            "promoted",
+            json!({"addr": listener.local_addr().to_string(), "epoch": epoch,
+                   "heartbeat_us": self.heartbeat.map(us)}),
+        );
+        crate::source_cmd::announce(&listener, self.heartbeat, &keepalive, auth);
+        let handle = listener.handle();
+        em.add_subscriber(Rc::new(RefCell::new(listener)));
+        if let Some(w) = watch {
+            em.add_subscriber(Rc::new(RefCell::new(w)));
+        }
+        Ok(Promoted {
+            handle,
+            pause_name,
+            exit,
+            vmm_exit,
+        })
+    }
 }

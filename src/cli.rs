@@ -342,11 +342,22 @@ pub struct BackupArgs {
     pub on_takeover: Option<String>,
     /// Hold a built-in paused standby guest in this process and resume it on takeover (the
     /// process then keeps running the guest): `kvm-dummy` (a real KVM guest) or `simulated`.
-    #[arg(long, value_name = "KIND", group = "hook", value_parser = ["kvm-dummy", "simulated"])]
+    #[arg(long, value_name = "KIND", group = "hook", group = "pausable", value_parser = ["kvm-dummy", "simulated"])]
     pub vm: Option<String>,
     /// On takeover, send QMP `cont` to this QEMU socket and wait for `running`.
-    #[arg(long, value_name = "PATH", group = "hook")]
+    #[arg(long, value_name = "PATH", group = "hook", group = "pausable")]
     pub qmp: Option<PathBuf>,
+    /// Re-protection: after a takeover (`vm-started`), become the source of the pair on this
+    /// address (`HOST:PORT`, port 0 picks one; see the `promoted` event), for a new backup,
+    /// with the same pair id, key, keepalive and arbiter, the epoch won carrying over. Only
+    /// with --vm or --qmp: the guest then runs under this process, which can pause it for a
+    /// later handoff (SIGUSR1) and stands its backups down on SIGTERM.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port, requires = "pausable")]
+    pub then_listen: Option<SocketAddr>,
+    /// With --then-listen: the heartbeat interval of the promoted source (as the source's
+    /// --heartbeat) [default: the interval the old source announced, if any].
+    #[arg(long, value_name = "DURATION", value_parser = parse_heartbeat, requires = "then_listen")]
+    pub then_heartbeat: Option<Duration>,
     /// `vm_start` must return within this time; after it the takeover is reported as
     /// `hook-timeout` (exit 6) and the hook is aborted (a command's process group is killed).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]

@@ -1095,6 +1095,20 @@ mod tests {
             &["--insecure-no-auth"],
         ),
         ("backup", 2, "vm", r#""kvm-dummy""#, &["--vm", "kvm-dummy"]),
+        (
+            "backup",
+            2,
+            "then-listen",
+            r#""127.0.0.1:7071""#,
+            &["--then-listen", "127.0.0.1:7071"],
+        ),
+        (
+            "backup",
+            2,
+            "then-heartbeat",
+            r#""20ms""#,
+            &["--then-heartbeat", "20ms"],
+        ),
     ];
 
     /// A scratch file, removed on drop.

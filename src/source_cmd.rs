@@ -3,19 +3,23 @@
 //! JSON events, signals as calls through its handle.
 
 use std::cell::RefCell;
+use std::path::PathBuf;
 use std::rc::Rc;
 
 use event_manager::{EventManager, SubscriberOps};
 use std::os::unix::process::ExitStatusExt;
 
 use log::{error, warn};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 use vmm_takeover_core::link::source::Refusal;
-use vmm_takeover_core::source::fence_margin;
-use vmm_takeover_core::vmm_keepalive::SystemDefaults;
-use vmm_takeover_core::{Acquire, ArbiterSession, SourceConfig, SourceListener, SourceNotice};
+use vmm_takeover_core::source::{fence_margin, SourceObserver};
+use vmm_takeover_core::vmm_keepalive::{KeepaliveSpec, SystemDefaults};
+use vmm_takeover_core::{
+    Acquire, ArbiterSession, SourceConfig, SourceHandle, SourceListener, SourceNotice,
+};
+use vmm_takeover_guest::StandbyGuest;
 
 use crate::cli::SourceArgs;
 use crate::events::{self, emit};
@@ -43,7 +47,6 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
         // HANDOFF must go to the backup whose QEMU receives the migration: there is one.
         cfg.max_backups = 1;
     }
-    let detection_off = !cfg.keepalive.enabled && cfg.heartbeat.is_none();
     let (pause, guest) = hooks::pause_hook(&a)?;
     // With an arbiter the pair is ours before the guest runs: a source that finds it owned by a
     // live holder refuses to run a second copy.
@@ -61,15 +64,227 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             .map_err(|e| Failure::runtime(format!("cannot start the local guest: {e}")))?;
     }
     // The VMM child starts after the pair is ours, and shares fate with this process.
+    let (watch, vmm_exit) = watch_vmm(&a.vmm, a.qmp.clone(), a.health_interval)?;
+    let exit = Exit::default();
+    let holder = session.as_ref().map(|s| s.holder().to_string());
+    let arbiter_url = session.as_ref().map(|s| s.describe().to_string());
+    let mut listener = SourceListener::new(
+        cfg,
+        observer(exit.clone(), guest.clone(), holder, arbiter_url),
+    )
+    .map_err(Failure::core)?;
+    let pause_name = pause.as_ref().map(|p| p.describe());
+    if let Some(p) = pause {
+        listener.set_pause_hook(p);
+    }
+    if let (Some(s), Some(epoch)) = (&session, epoch) {
+        listener.set_arbiter(s.clone(), epoch);
+        if let Some(g) = guest.clone() {
+            listener.set_run_deadline_hook(Box::new(move |d| g.set_run_deadline(d)));
+        }
+    }
+    let ops = crate::ops::setup(&a.ops, listener.counters(), session.as_ref())?;
+    announce(
+        &listener,
+        a.heartbeat,
+        &a.keepalive.keepalive.with_user_timeout(a.user_timeout),
+        auth,
+    );
+    let handle = listener.handle();
+    let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(listener)));
+    for s in ops.subscribers {
+        em.add_subscriber(s);
+    }
+    add_guest_report(&mut em, guest)?;
+
+    let sigs = Signals::install(Box::new(move |kind| {
+        on_signal(kind, &handle, pause_name.as_deref());
+    }))
+    .map_err(|e| format!("signals: {e}"))?;
+    em.add_subscriber(Rc::new(RefCell::new(sigs)));
+    if let Some(w) = watch {
+        em.add_subscriber(Rc::new(RefCell::new(w)));
+    }
+    let code = run_loop(&mut em, &[&exit, &vmm_exit]);
+    drop(ops.control);
+    // Stood down, handed off, fenced: the lease goes now rather than at its TTL.
+    close_arbiter(session.as_ref());
+    code
+}
+
+/// The listener's notices as JSON events; `exit` gets the code once it is done. Shared by the
+/// source and by a backup promoted to source (`--then-listen`).
+pub(crate) fn observer(
+    exit: Exit,
+    guest: Option<StandbyGuest>,
+    holder: Option<String>,
+    arbiter_url: Option<String>,
+) -> SourceObserver {
+    let (ex, g) = (exit, guest);
+    Box::new(move |n: &SourceNotice| match n {
+        SourceNotice::BackupJoined {
+            peer,
+            keepalive,
+            node,
+            key_id,
+        } => emit(
+            "backup-joined",
+            json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
+                   "node": node, "key_id": key_id}),
+        ),
+        SourceNotice::BackupLost { peer, why } => {
+            emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
+        }
+        SourceNotice::BackupRejected {
+            peer,
+            why,
+            suppressed,
+        } => emit(
+            "backup-rejected",
+            json!({"peer": peer.to_string(), "why": why, "suppressed": suppressed}),
+        ),
+        SourceNotice::BackupEvicted { peer, why } => emit(
+            "backup-evicted",
+            json!({"peer": peer.to_string(), "why": why}),
+        ),
+        SourceNotice::BackupSlow { peer, unsent } => emit(
+            "backup-slow",
+            json!({"peer": peer.to_string(), "unsent_bytes": unsent}),
+        ),
+        SourceNotice::BackupCaughtUp { peer, skipped } => emit(
+            "backup-caught-up",
+            json!({"peer": peer.to_string(), "heartbeats_skipped": skipped}),
+        ),
+        SourceNotice::AcceptFailed { error, count } => {
+            emit("accept-failed", json!({"error": error, "count": count}));
+        }
+        SourceNotice::HandoffRefused { why } => {
+            let why = match why {
+                Refusal::NoBackup => "no-backup",
+                Refusal::Busy => "busy",
+                Refusal::Finished => "finished",
+            };
+            emit("handoff-refused", json!({"why": why}));
+        }
+        SourceNotice::HandoffPaused => {
+            if let Some(g) = &g {
+                // Evidence for the record: the local guest is paused before HANDOFF leaves.
+                GuestReport::report(g);
+            }
+            emit("handoff-paused", json!({}));
+        }
+        SourceNotice::HandoffSent { to, others } => emit(
+            "handoff-sent",
+            json!({"to": to.to_string(), "others_stood_down": others}),
+        ),
+        SourceNotice::HandoffComplete { to, took } => {
+            emit(
+                "handoff-complete",
+                json!({"to": to.to_string(), "took_us": us(*took)}),
+            );
+            ex.set(exit::OK);
+        }
+        // The source keeps serving; SIGUSR1 may try again.
+        SourceNotice::HandoffFailed {
+            stage,
+            error,
+            resumed,
+        } => {
+            if let Some(g) = &g {
+                GuestReport::report(g);
+            }
+            emit(
+                "handoff-failed",
+                json!({"stage": stage, "error": error, "resumed": resumed}),
+            );
+        }
+        SourceNotice::HandoffUncertain { why } => {
+            emit("handoff-uncertain", json!({"why": why}));
+            ex.set(exit::UNCERTAIN);
+        }
+        SourceNotice::StandDownDeferred => emit("stand-down-deferred", json!({})),
+        SourceNotice::StandDownSent { backups } => {
+            emit("stand-down-sent", json!({"backups": backups}));
+        }
+        SourceNotice::StoodDown { told, confirmed } => {
+            emit("stood-down", json!({"told": told, "confirmed": confirmed}));
+            ex.set(exit::OK);
+        }
+        SourceNotice::Owner { epoch, ttl } => emit(
+            "owner",
+            json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64,
+                   "holder": holder, "arbiter": arbiter_url}),
+        ),
+        SourceNotice::Fenced { why, pause_error } => {
+            emit(
+                "fenced",
+                json!({"why": why, "pause_error": pause_error,
+                       "guest_counter": g.as_ref().map(|g| g.counter()),
+                       "guest_running": g.as_ref().map(|g| g.is_running())}),
+            );
+            ex.set(exit::OWNED);
+        }
+    })
+}
+
+/// The `listening` event (and the warning of a link that detects nothing).
+pub(crate) fn announce(
+    listener: &SourceListener,
+    heartbeat: Option<Duration>,
+    keepalive: &KeepaliveSpec,
+    auth: Value,
+) {
+    emit(
+        "listening",
+        json!({"addr": listener.local_addr().to_string(),
+               "heartbeat_us": heartbeat.map(us),
+               "keepalive": keepalive_json(Some(&keepalive
+                   .resolve(&SystemDefaults::read_or_linux()))),
+               "auth": auth}),
+    );
+    if !keepalive.enabled && heartbeat.is_none() {
+        let message = "keepalive is off and no --heartbeat is set: backups can only see this \
+                       process exit (EOF), never a dead host or a cut link";
+        warn!("{message}");
+        emit(
+            "warning",
+            json!({"what": "no-detection", "message": message}),
+        );
+    }
+}
+
+/// SIGTERM/SIGINT: stand the backups down; SIGUSR1: hand off; SIGHUP: ignored.
+pub(crate) fn on_signal(kind: SignalKind, handle: &SourceHandle, pause_name: Option<&str>) {
+    match kind {
+        SignalKind::Stop => {
+            handle.stand_down();
+        }
+        SignalKind::Handoff => {
+            emit("handoff-requested", json!({"pause": pause_name}));
+            // The pause runs off the loop; HANDOFF follows only once it is confirmed.
+            handle.begin_handoff();
+        }
+        SignalKind::Hangup => signal_ignored(),
+    }
+}
+
+/// The VMM child (`-- CMD`) and/or the QEMU health watch (`--qmp`), if asked for, and the exit
+/// code it sets when the VMM is gone or was killed as unhealthy.
+pub(crate) fn watch_vmm(
+    vmm: &[String],
+    qmp: Option<PathBuf>,
+    health_interval: Duration,
+) -> Result<(Option<VmmWatch>, Exit), Failure> {
     let vmm_exit = Exit::default();
     let vx = vmm_exit.clone();
-    let watch = if a.vmm.is_empty() && a.qmp.is_none() {
+    let watch = if vmm.is_empty() && qmp.is_none() {
         None
     } else {
         let watch = VmmWatch::start(
-            &a.vmm,
-            a.qmp.clone(),
-            a.health_interval,
+            vmm,
+            qmp,
+            health_interval,
             Box::new(move |end| match end {
                 VmmEnd::Exited(status) => {
                     emit(
@@ -97,180 +312,11 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
             }),
         )?;
         if let Some(pid) = watch.child_pid() {
-            emit("vmm-started", json!({"pid": pid, "argv": a.vmm}));
+            emit("vmm-started", json!({"pid": pid, "argv": vmm}));
         }
         Some(watch)
     };
-    let exit = Exit::default();
-    let (ex, g) = (exit.clone(), guest.clone());
-    let holder = session.as_ref().map(|s| s.holder().to_string());
-    let arbiter_url = session.as_ref().map(|s| s.describe().to_string());
-    let mut listener = SourceListener::new(
-        cfg,
-        Box::new(move |n: &SourceNotice| match n {
-            SourceNotice::BackupJoined {
-                peer,
-                keepalive,
-                node,
-                key_id,
-            } => emit(
-                "backup-joined",
-                json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
-                       "node": node, "key_id": key_id}),
-            ),
-            SourceNotice::BackupLost { peer, why } => {
-                emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
-            }
-            SourceNotice::BackupRejected {
-                peer,
-                why,
-                suppressed,
-            } => emit(
-                "backup-rejected",
-                json!({"peer": peer.to_string(), "why": why, "suppressed": suppressed}),
-            ),
-            SourceNotice::BackupEvicted { peer, why } => emit(
-                "backup-evicted",
-                json!({"peer": peer.to_string(), "why": why}),
-            ),
-            SourceNotice::BackupSlow { peer, unsent } => emit(
-                "backup-slow",
-                json!({"peer": peer.to_string(), "unsent_bytes": unsent}),
-            ),
-            SourceNotice::BackupCaughtUp { peer, skipped } => emit(
-                "backup-caught-up",
-                json!({"peer": peer.to_string(), "heartbeats_skipped": skipped}),
-            ),
-            SourceNotice::AcceptFailed { error, count } => {
-                emit("accept-failed", json!({"error": error, "count": count}));
-            }
-            SourceNotice::HandoffRefused { why } => {
-                let why = match why {
-                    Refusal::NoBackup => "no-backup",
-                    Refusal::Busy => "busy",
-                    Refusal::Finished => "finished",
-                };
-                emit("handoff-refused", json!({"why": why}));
-            }
-            SourceNotice::HandoffPaused => {
-                if let Some(g) = &g {
-                    // Evidence for the record: the local guest is paused before HANDOFF leaves.
-                    GuestReport::report(g);
-                }
-                emit("handoff-paused", json!({}));
-            }
-            SourceNotice::HandoffSent { to, others } => emit(
-                "handoff-sent",
-                json!({"to": to.to_string(), "others_stood_down": others}),
-            ),
-            SourceNotice::HandoffComplete { to, took } => {
-                emit(
-                    "handoff-complete",
-                    json!({"to": to.to_string(), "took_us": us(*took)}),
-                );
-                ex.set(exit::OK);
-            }
-            // The source keeps serving; SIGUSR1 may try again.
-            SourceNotice::HandoffFailed {
-                stage,
-                error,
-                resumed,
-            } => {
-                if let Some(g) = &g {
-                    GuestReport::report(g);
-                }
-                emit(
-                    "handoff-failed",
-                    json!({"stage": stage, "error": error, "resumed": resumed}),
-                );
-            }
-            SourceNotice::HandoffUncertain { why } => {
-                emit("handoff-uncertain", json!({"why": why}));
-                ex.set(exit::UNCERTAIN);
-            }
-            SourceNotice::StandDownDeferred => emit("stand-down-deferred", json!({})),
-            SourceNotice::StandDownSent { backups } => {
-                emit("stand-down-sent", json!({"backups": backups}));
-            }
-            SourceNotice::StoodDown { told, confirmed } => {
-                emit("stood-down", json!({"told": told, "confirmed": confirmed}));
-                ex.set(exit::OK);
-            }
-            SourceNotice::Owner { epoch, ttl } => emit(
-                "owner",
-                json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64,
-                       "holder": holder, "arbiter": arbiter_url}),
-            ),
-            SourceNotice::Fenced { why, pause_error } => {
-                emit(
-                    "fenced",
-                    json!({"why": why, "pause_error": pause_error,
-                           "guest_counter": g.as_ref().map(|g| g.counter()),
-                           "guest_running": g.as_ref().map(|g| g.is_running())}),
-                );
-                ex.set(exit::OWNED);
-            }
-        }),
-    )
-    .map_err(Failure::core)?;
-    let pause_name = pause.as_ref().map(|p| p.describe());
-    if let Some(p) = pause {
-        listener.set_pause_hook(p);
-    }
-    if let (Some(s), Some(epoch)) = (&session, epoch) {
-        listener.set_arbiter(s.clone(), epoch);
-        if let Some(g) = guest.clone() {
-            listener.set_run_deadline_hook(Box::new(move |d| g.set_run_deadline(d)));
-        }
-    }
-    let ops = crate::ops::setup(&a.ops, listener.counters(), session.as_ref())?;
-    emit(
-        "listening",
-        json!({"addr": listener.local_addr().to_string(),
-               "heartbeat_us": a.heartbeat.map(us),
-               "keepalive": keepalive_json(Some(&a.keepalive.keepalive
-                   .with_user_timeout(a.user_timeout)
-                   .resolve(&SystemDefaults::read_or_linux()))),
-               "auth": auth}),
-    );
-    if detection_off {
-        let message = "keepalive is off and no --heartbeat is set: backups can only see this \
-                       process exit (EOF), never a dead host or a cut link";
-        warn!("{message}");
-        emit(
-            "warning",
-            json!({"what": "no-detection", "message": message}),
-        );
-    }
-    let handle = listener.handle();
-    let mut em = EventManager::<crate::Subscriber>::new().map_err(|e| format!("{e:?}"))?;
-    em.add_subscriber(Rc::new(RefCell::new(listener)));
-    for s in ops.subscribers {
-        em.add_subscriber(s);
-    }
-    add_guest_report(&mut em, guest)?;
-
-    let sigs = Signals::install(Box::new(move |kind| match kind {
-        SignalKind::Stop => {
-            handle.stand_down();
-        }
-        SignalKind::Handoff => {
-            emit("handoff-requested", json!({"pause": pause_name}));
-            // The pause runs off the loop; HANDOFF follows only once it is confirmed.
-            handle.begin_handoff();
-        }
-        SignalKind::Hangup => signal_ignored(),
-    }))
-    .map_err(|e| format!("signals: {e}"))?;
-    em.add_subscriber(Rc::new(RefCell::new(sigs)));
-    if let Some(w) = watch {
-        em.add_subscriber(Rc::new(RefCell::new(w)));
-    }
-    let code = run_loop(&mut em, &[&exit, &vmm_exit]);
-    drop(ops.control);
-    // Stood down, handed off, fenced: the lease goes now rather than at its TTL.
-    close_arbiter(session.as_ref());
-    code
+    Ok((watch, vmm_exit))
 }
 
 /// Takes the pair at start; exit 4 naming the holder if someone else has it.

@@ -121,6 +121,8 @@ connect = "127.0.0.1:7070"
 pair-id = "vm1"
 psk-file = "KEY"
 vm = "kvm-dummy"
+then-listen = "127.0.0.1:7071"
+then-heartbeat = "20ms"
 "#,
 ];
 

@@ -55,7 +55,7 @@ pub fn registry(o: &Ops) -> Registry {
     let mut r = Registry::with_prefix_and_labels(
         "vmm_takeover",
         [
-            ("role".into(), o.role.into()),
+            ("role".into(), o.role().into()),
             ("pair".into(), o.pair_id.clone().into()),
         ]
         .into_iter(),
@@ -76,7 +76,7 @@ pub fn registry(o: &Ops) -> Registry {
     );
     let state = o.state();
     let states = Family::<Labels, Gauge>::default();
-    for s in LinkState::of_role(o.role) {
+    for s in LinkState::of_role(o.role()) {
         states
             .get_or_create(&vec![("state", s.as_str().to_string())])
             .set(i64::from(*s == state));
@@ -103,7 +103,7 @@ pub fn registry(o: &Ops) -> Registry {
         "Links armed again after the first",
         counter(armed.saturating_sub(1)),
     );
-    if o.role == "source" {
+    if o.role() == "source" {
         r.register(
             "backups_armed",
             "Backups armed now: the guest is protected when it is at least 1",
@@ -116,8 +116,8 @@ pub fn registry(o: &Ops) -> Registry {
             ConstGauge::new(t as f64 / 1e6),
         );
     }
-    if let Some(c) = o.counters.get() {
-        if o.role == "source" {
+    if let Some(c) = o.counters() {
+        if o.role() == "source" {
             r.register(
                 "heartbeats_sent",
                 "HEARTBEAT frames written (one per armed backup per beat)",
@@ -164,7 +164,7 @@ pub fn registry(o: &Ops) -> Registry {
             );
         }
     }
-    if o.role == "backup" {
+    if o.role() == "backup" {
         let takeovers = Family::<Labels, prometheus_client::metrics::counter::Counter>::default();
         for (reason, n) in TakeoverReason::ALL.iter().zip(&o.takeovers) {
             takeovers

@@ -144,8 +144,9 @@ impl Maybe {
 /// What the process is and has done, for status and metrics (see the module docs).
 #[derive(Debug)]
 pub struct Ops {
-    /// `source` or `backup`.
-    pub role: &'static str,
+    /// `source` (true) or `backup`; a backup promoted to source (`--then-listen`) changes it
+    /// once.
+    source: AtomicBool,
     /// The pair id.
     pub pair_id: String,
     /// When the process started.
@@ -177,7 +178,11 @@ pub struct Ops {
     /// Its kind, once reported.
     pub guest_kind: OnceLock<String>,
     /// The core's counters, once the subscriber exists.
-    pub counters: OnceLock<Arc<LinkCounters>>,
+    counters: OnceLock<Arc<LinkCounters>>,
+    /// A backup promoted to source: its listener's counters, which replace the backup's.
+    promoted_counters: OnceLock<Arc<LinkCounters>>,
+    /// When a backup that took over was promoted to source, µs since the Unix epoch.
+    pub promoted_at_unix_us: Maybe,
     /// The arbiter session, with `--arbiter`.
     pub session: OnceLock<ArbiterSession>,
     ready_sent: AtomicBool,
@@ -188,7 +193,7 @@ static OPS: OnceLock<Ops> = OnceLock::new();
 /// Sets up the process's [`Ops`] (once, with the event context).
 pub fn init(role: &'static str, pair_id: &str) {
     let _ = OPS.set(Ops {
-        role,
+        source: AtomicBool::new(role == "source"),
         pair_id: pair_id.to_string(),
         started: Instant::now(),
         state: AtomicU8::new(LinkState::Starting as u8),
@@ -205,9 +210,28 @@ pub fn init(role: &'static str, pair_id: &str) {
         guest_counter: Maybe::default(),
         guest_kind: OnceLock::new(),
         counters: OnceLock::new(),
+        promoted_counters: OnceLock::new(),
+        promoted_at_unix_us: Maybe::default(),
         session: OnceLock::new(),
         ready_sent: AtomicBool::new(false),
     });
+}
+
+/// A backup that took over becomes a source (`--then-listen`): from now on `status` and the
+/// metrics show a source (role, state, its listener's `counters` instead of the backup's). The
+/// per-link figures start again from zero (the metrics' `role` label changes too, so these are
+/// new series); the takeover history (takeovers, detection, `vm_start` time, epoch) stays.
+pub fn promote(counters: Arc<LinkCounters>) {
+    let Some(o) = OPS.get() else {
+        return;
+    };
+    let _ = o.promoted_counters.set(counters);
+    o.backups.store(0, Relaxed);
+    o.links_armed.store(0, Relaxed);
+    o.armed_since_unix_us.0.store(u64::MAX, Relaxed);
+    o.promoted_at_unix_us.set(now_us());
+    o.source.store(true, Relaxed);
+    o.set_state(LinkState::Starting);
 }
 
 /// The process's [`Ops`], once [`init`] ran (not for `keygen`, `demo`).
@@ -220,6 +244,21 @@ fn now_us() -> u64 {
 }
 
 impl Ops {
+    /// `source` or `backup`.
+    pub fn role(&self) -> &'static str {
+        if self.source.load(Relaxed) {
+            "source"
+        } else {
+            "backup"
+        }
+    }
+
+    /// The core's counters of the link this process serves now (a promoted backup's: its
+    /// listener's).
+    pub fn counters(&self) -> Option<&Arc<LinkCounters>> {
+        self.promoted_counters.get().or(self.counters.get())
+    }
+
     /// The current state.
     pub fn state(&self) -> LinkState {
         LinkState::from_u8(self.state.load(Relaxed))
@@ -235,7 +274,7 @@ impl Ops {
     /// One line for systemd's `STATUS=`: the state and what it means.
     pub fn status_line(&self) -> String {
         let s = self.state();
-        match (self.role, s) {
+        match (self.role(), s) {
             ("source", LinkState::Unprotected) => {
                 "unprotected: listening, no backup armed".to_string()
             }
@@ -256,8 +295,9 @@ impl Ops {
 
     /// The state as `status` answers it.
     pub fn status_json(&self) -> Value {
-        let c = self.counters.get();
-        let source = self.role == "source";
+        let c = self.counters();
+        let role = self.role();
+        let source = role == "source";
         let gaps = c.map(|c| c.gaps());
         let takeovers: serde_json::Map<String, Value> = TakeoverReason::ALL
             .iter()
@@ -266,7 +306,7 @@ impl Ops {
             .map(|(r, n)| (r.as_str().to_string(), Value::from(n.load(Relaxed))))
             .collect();
         json!({
-            "role": self.role,
+            "role": role,
             "pair_id": self.pair_id,
             "pid": std::process::id(),
             "version": env!("CARGO_PKG_VERSION"),
@@ -296,6 +336,7 @@ impl Ops {
                 "counter": self.guest_counter.get(),
             })),
             "events_dropped": self.events_dropped.load(Relaxed),
+            "promoted_at_unix_us": self.promoted_at_unix_us.get(),
         })
     }
 
@@ -324,7 +365,7 @@ pub fn observe(name: &str, f: &Value) {
             });
             o.ready();
         }
-        "owner" => {
+        "owner" | "promoted" => {
             if let Some(e) = u("epoch") {
                 o.epoch.set(e);
             }
@@ -405,8 +446,7 @@ pub fn observe(name: &str, f: &Value) {
             // From the last sign of the source to the verdict.
             if let Some(at) = u("detected_at_unix_us") {
                 let last = o
-                    .counters
-                    .get()
+                    .counters()
                     .map(|c| c.last_heartbeat_unix_us())
                     .filter(|&t| t > 0)
                     .into_iter()
