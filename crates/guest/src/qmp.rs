@@ -645,19 +645,22 @@ impl QmpVm {
 
     /// `cont`, then waits until QEMU reports running. Calling it on a running VM is harmless.
     pub fn cont(&self) -> Result<QmpStatus, QmpError> {
-        let status = self.call(|client, deadline| {
-            client.execute("cont", None)?;
-            let (status, ok) = client.poll_status(deadline, |s| s.running)?;
-            if !ok {
-                return Err(QmpError::NotRunning {
-                    path: self.socket_path.clone(),
-                    timeout: self.timeout,
-                    status: status.status,
-                });
-            }
-            Ok(status)
-        })?;
+        let status = self.call(|client, deadline| self.cont_on(client, deadline))?;
         info!("qmp {}: guest running", self.socket_path.display());
+        Ok(status)
+    }
+
+    /// `cont` on an open session, then waits (until `deadline`) for QEMU to report running.
+    fn cont_on(&self, client: &mut QmpClient, deadline: Instant) -> Result<QmpStatus, QmpError> {
+        client.execute("cont", None)?;
+        let (status, ok) = client.poll_status(deadline, |s| s.running)?;
+        if !ok {
+            return Err(QmpError::NotRunning {
+                path: self.socket_path.clone(),
+                timeout: self.timeout,
+                status: status.status,
+            });
+        }
         Ok(status)
     }
 
@@ -716,16 +719,7 @@ impl QmpVm {
             if client.query_status()?.status == "inmigrate" {
                 self.wait_incoming(client, deadline)?;
             }
-            client.execute("cont", None)?;
-            let (status, ok) = client.poll_status(deadline, |s| s.running)?;
-            if !ok {
-                return Err(QmpError::NotRunning {
-                    path: self.socket_path.clone(),
-                    timeout: self.timeout,
-                    status: status.status,
-                });
-            }
-            Ok(status)
+            self.cont_on(client, deadline)
         })?;
         info!("qmp {}: guest running", self.socket_path.display());
         Ok(status)
