@@ -147,6 +147,31 @@ impl Demo {
         Ok(pid)
     }
 
+    /// After SIGTERM to the source: the source sends STAND_DOWN, the backup stands down and
+    /// exits without starting its guest.
+    fn expect_stand_down(&self) -> Result<(), String> {
+        let sd = self.event(Who::Source, "stand-down-sent")?;
+        self.line(us(&sd, "at_unix_us"), "source", "sent STAND_DOWN, exiting");
+        let bd = self.wait(Who::Backup, "stand-down", |v| {
+            v["event"] == "stand-down" || v["event"] == "takeover"
+        })?;
+        if bd["event"] == "takeover" {
+            return Err(format!("an orderly stop was taken over: {bd}"));
+        }
+        self.line(
+            us(&bd, "at_unix_us"),
+            "backup",
+            "received STAND_DOWN: not taking over",
+        );
+        let ex = self.wait(Who::Backup, "exit", |v| {
+            v["event"] == "exited" || v["event"] == "vm-started"
+        })?;
+        if ex["event"] != "exited" {
+            return Err("the backup started its guest after an orderly stop".into());
+        }
+        Ok(())
+    }
+
     fn event(&self, who: Who, name: &str) -> Result<Value, String> {
         self.wait(who, name, |v| v["event"] == name)
     }
@@ -370,25 +395,7 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
 
     match fault {
         Fault::Stop => {
-            let sd = d.event(Who::Source, "stand-down-sent")?;
-            d.line(us(&sd, "at_unix_us"), "source", "sent STAND_DOWN, exiting");
-            let bd = d.wait(Who::Backup, "stand-down", |v| {
-                v["event"] == "stand-down" || v["event"] == "takeover"
-            })?;
-            if bd["event"] == "takeover" {
-                return Err(format!("an orderly stop was taken over: {bd}"));
-            }
-            d.line(
-                us(&bd, "at_unix_us"),
-                "backup",
-                "received STAND_DOWN: not taking over",
-            );
-            let ex = d.wait(Who::Backup, "exit", |v| {
-                v["event"] == "exited" || v["event"] == "vm-started"
-            })?;
-            if ex["event"] != "exited" {
-                return Err("the backup started its guest after an orderly stop".into());
-            }
+            d.expect_stand_down()?;
             return Ok(
                 "orderly stop. The backup stood down and exited; its standby guest never \
                  ran (counter stayed 0)."

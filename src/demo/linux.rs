@@ -523,25 +523,7 @@ fn handoff(
 
 /// SIGTERM: the backup stands down; its QEMU never receives a migration nor runs anything.
 fn stop(d: &Demo, src: &mut Qemu, dst: &mut Qemu) -> Result<String, String> {
-    let sd = d.event(Who::Source, "stand-down-sent")?;
-    d.line(us(&sd, "at_unix_us"), "source", "sent STAND_DOWN, exiting");
-    let bd = d.wait(Who::Backup, "stand-down", |v| {
-        v["event"] == "stand-down" || v["event"] == "takeover"
-    })?;
-    if bd["event"] == "takeover" {
-        return Err(format!("an orderly stop was taken over: {bd}"));
-    }
-    d.line(
-        us(&bd, "at_unix_us"),
-        "backup",
-        "received STAND_DOWN: not taking over",
-    );
-    let ex = d.wait(Who::Backup, "exit", |v| {
-        v["event"] == "exited" || v["event"] == "vm-started"
-    })?;
-    if ex["event"] != "exited" {
-        return Err("the backup started its guest after an orderly stop".into());
-    }
+    d.expect_stand_down()?;
     // Once the backup has exited, nothing can make its QEMU run: what it shows now is final.
     let status = dst.status()?;
     let lines = dst.ticks().len();
