@@ -14,12 +14,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::{debug, error};
+use log::error;
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::EventSet;
 use vmm_takeover_core::mailbox::{Mailbox, Sender};
@@ -105,9 +104,8 @@ const FRESH: Duration = Duration::from_millis(5);
 
 /// What the control threads share: the way to the loop and its last answer.
 struct Shared {
-    loop_tx: Mutex<Sender<Call>>,
+    loop_tx: Sender<Call>,
     last: Mutex<LoopState>,
-    active: AtomicUsize,
 }
 
 /// The loop's last answer, and a call it has not answered yet.
@@ -144,43 +142,23 @@ pub fn start(path: &Path, loop_tx: Sender<Call>) -> Result<Socket, Error> {
     let l = bound.map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     let shared = Arc::new(Shared {
-        loop_tx: Mutex::new(loop_tx),
+        loop_tx,
         last: Mutex::new(LoopState::default()),
-        active: AtomicUsize::new(0),
     });
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for conn in l.incoming() {
-                match conn {
-                    Ok(c) => {
-                        if shared.active.fetch_add(1, Relaxed) >= MAX_CALLS {
-                            shared.active.fetch_sub(1, Relaxed);
-                            let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
-                            let busy = json!({"error": "too many calls at once; retry"});
-                            let _ = (&c).write_all(format!("{busy}\n").as_bytes());
-                            continue;
-                        }
-                        let sh = shared.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("control-call".into())
-                            .spawn(move || {
-                                if let Err(e) = serve(c, &sh) {
-                                    debug!("control call: {e}");
-                                }
-                                sh.active.fetch_sub(1, Relaxed);
-                            });
-                        if let Err(e) = spawned {
-                            shared.active.fetch_sub(1, Relaxed);
-                            debug!("control: cannot start a call thread: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        debug!("control accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
+            super::serve_bounded(
+                "control",
+                l.incoming(),
+                MAX_CALLS,
+                |c: UnixStream| {
+                    let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
+                    let busy = json!({"error": "too many calls at once; retry"});
+                    let _ = (&c).write_all(format!("{busy}\n").as_bytes());
+                },
+                move |c| serve(c, &shared),
+            );
         })
         .map_err(io)?;
     Ok(Socket(path.to_path_buf()))
@@ -202,11 +180,7 @@ fn ask_loop(sh: &Shared) -> Value {
         Some(o) => o,
         None => {
             let (tx, rx) = mpsc::channel();
-            let sent = sh
-                .loop_tx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(Call { reply: tx });
+            let sent = sh.loop_tx.send(Call { reply: tx });
             if !sent {
                 return json!({"error": "the event loop has ended"});
             }

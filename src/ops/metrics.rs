@@ -9,11 +9,10 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use log::{debug, error};
+use log::error;
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
@@ -240,40 +239,19 @@ const MAX_SCRAPES: usize = 8;
 pub fn start(addr: SocketAddr, o: &'static Ops) -> io::Result<SocketAddr> {
     let l = TcpListener::bind(addr)?;
     let local = l.local_addr()?;
-    let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for conn in l.incoming() {
-                match conn {
-                    Ok(mut c) => {
-                        if active.fetch_add(1, Relaxed) >= MAX_SCRAPES {
-                            active.fetch_sub(1, Relaxed);
-                            let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
-                            let _ = respond(&mut c, "503 Service Unavailable", "text/plain", "");
-                            continue;
-                        }
-                        let done = active.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("metrics-scrape".into())
-                            .spawn(move || {
-                                if let Err(e) = serve(c, o) {
-                                    debug!("metrics scrape: {e}");
-                                }
-                                done.fetch_sub(1, Relaxed);
-                            });
-                        if let Err(e) = spawned {
-                            active.fetch_sub(1, Relaxed);
-                            debug!("metrics: cannot start a scrape thread: {e}");
-                        }
-                    }
-                    // Out of descriptors: do not spin.
-                    Err(e) => {
-                        debug!("metrics accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
+            super::serve_bounded(
+                "metrics",
+                l.incoming(),
+                MAX_SCRAPES,
+                |mut c: TcpStream| {
+                    let _ = c.set_write_timeout(Some(Duration::from_millis(100)));
+                    let _ = respond(&mut c, "503 Service Unavailable", "text/plain", "");
+                },
+                move |c| serve(c, o),
+            );
         })?;
     Ok(local)
 }

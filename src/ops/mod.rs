@@ -265,10 +265,17 @@ impl Ops {
     }
 
     fn set_state(&self, s: LinkState) {
-        if self.state.swap(s as u8, Relaxed) != s as u8 {
+        self.change_state(s);
+    }
+
+    /// Moves to `s` and tells systemd; false when it was there already (nothing sent).
+    fn change_state(&self, s: LinkState) -> bool {
+        let changed = self.state.swap(s as u8, Relaxed) != s as u8;
+        if changed {
             self.state_since_unix_us.store(now_us(), Relaxed);
             notify::status(&self.status_line());
         }
+        changed
     }
 
     /// One line for systemd's `STATUS=`: the state and what it means.
@@ -373,8 +380,8 @@ pub fn observe(name: &str, f: &Value) {
         "backup-joined" => {
             o.links_armed.fetch_add(1, Relaxed);
             o.backups.fetch_add(1, Relaxed);
-            if o.state() == Unprotected || o.state() == Protected {
-                o.set_state(Protected);
+            // Protected already: the count in the status line changed.
+            if (o.state() == Unprotected || o.state() == Protected) && !o.change_state(Protected) {
                 notify::status(&o.status_line());
             }
         }
@@ -497,6 +504,51 @@ pub fn observe(name: &str, f: &Value) {
             }
         }
         _ => {}
+    }
+}
+
+/// The accept loop of the metrics and control threads: each connection of `incoming` is served
+/// on a thread of its own, at most `max` at once, so that a stuck client holds only its own
+/// connection (for its socket timeouts); past `max`, `busy` answers it at once. An accept error
+/// (out of descriptors) pauses 100 ms rather than spin.
+pub(crate) fn serve_bounded<S, I>(
+    name: &'static str,
+    incoming: I,
+    max: usize,
+    busy: impl Fn(S),
+    serve: impl Fn(S) -> std::io::Result<()> + Clone + Send + 'static,
+) where
+    S: Send + 'static,
+    I: Iterator<Item = std::io::Result<S>>,
+{
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for conn in incoming {
+        match conn {
+            Ok(c) => {
+                if active.fetch_add(1, Relaxed) >= max {
+                    active.fetch_sub(1, Relaxed);
+                    busy(c);
+                    continue;
+                }
+                let (done, serve) = (active.clone(), serve.clone());
+                let spawned = std::thread::Builder::new()
+                    .name(format!("{name}-conn"))
+                    .spawn(move || {
+                        if let Err(e) = serve(c) {
+                            log::debug!("{name}: {e}");
+                        }
+                        done.fetch_sub(1, Relaxed);
+                    });
+                if let Err(e) = spawned {
+                    active.fetch_sub(1, Relaxed);
+                    log::debug!("{name}: cannot start a connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                log::debug!("{name} accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
     }
 }
 
