@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::linux::{guest_image, Qemu, QemuOpts, Tick, BOOT_TIMEOUT};
+use common::linux::{guest_image, Qemu, QemuOpts, Qmp, Tick, BOOT_TIMEOUT};
 use common::{free_port, Proc, SpawnOpts, EVENT_TIMEOUT};
 use serde_json::json;
 
@@ -66,6 +66,22 @@ fn start(pair: &str, source_extra: &[&str]) -> Option<Pair> {
         source,
         backup,
     })
+}
+
+/// The destination QEMU gave up its incoming migration: it exited and never ran the guest.
+fn assert_destination_gave_up(dst: &mut Qemu) {
+    assert!(
+        dst.wait_exit(EVENT_TIMEOUT).is_some(),
+        "destination still up"
+    );
+    assert!(dst.ticks().is_empty(), "{}", dst.serial_text());
+}
+
+/// The source QEMU runs and its guest goes on counting.
+fn assert_runs_on(src: &mut Qemu, qmp: &mut Qmp) {
+    assert_eq!(qmp.status(), "running");
+    let before = src.last_tick().unwrap();
+    src.wait_counter(before.counter + 3, BOOT_TIMEOUT);
 }
 
 /// The destination's first tick continues the source's last: same boot, later uptime.
@@ -143,15 +159,7 @@ fn when_the_source_host_dies_during_the_migration_no_half_migrated_guest_runs() 
     assert_eq!(p.backup.wait_exit(EVENT_TIMEOUT).code(), Some(9));
     assert_eq!(p.backup.count("vm-started"), 0);
     // The destination gave up its incoming migration and exited; it never ran the guest.
-    assert!(
-        p.dst_qemu.wait_exit(EVENT_TIMEOUT).is_some(),
-        "destination still up"
-    );
-    assert!(
-        p.dst_qemu.ticks().is_empty(),
-        "{}",
-        p.dst_qemu.serial_text()
-    );
+    assert_destination_gave_up(&mut p.dst_qemu);
 }
 
 #[test]
@@ -208,9 +216,7 @@ fn a_failed_migration_leaves_the_guest_running_at_the_source_and_the_pair_protec
         failed["error"].as_str().unwrap().contains("failed"),
         "{failed}"
     );
-    assert_eq!(sq.status(), "running");
-    let before = p.src_qemu.last_tick().unwrap();
-    p.src_qemu.wait_counter(before.counter + 3, BOOT_TIMEOUT);
+    assert_runs_on(&mut p.src_qemu, &mut sq);
     // Still protected: the backup stays armed, nothing was taken over.
     let mut p = p;
     assert!(p.source.running() && p.backup.running());
@@ -233,19 +239,9 @@ fn when_the_backup_dies_during_the_migration_the_source_cancels_it_and_runs_on()
     assert_eq!(failed["resumed"], true, "{failed}");
     let m = sq.wait_migration(&["cancelled", "failed"], EVENT_TIMEOUT);
     assert_eq!(m["status"], "cancelled", "{m}");
-    assert_eq!(sq.status(), "running");
-    let before = p.src_qemu.last_tick().unwrap();
-    p.src_qemu.wait_counter(before.counter + 3, BOOT_TIMEOUT);
+    assert_runs_on(&mut p.src_qemu, &mut sq);
     // The destination's incoming migration broke off: it exited and never ran the guest.
-    assert!(
-        p.dst_qemu.wait_exit(EVENT_TIMEOUT).is_some(),
-        "destination still up"
-    );
-    assert!(
-        p.dst_qemu.ticks().is_empty(),
-        "{}",
-        p.dst_qemu.serial_text()
-    );
+    assert_destination_gave_up(&mut p.dst_qemu);
 }
 
 #[test]

@@ -602,21 +602,7 @@ fn status_tells_role_state_heartbeats_and_guest_through_the_loop() {
     assert_eq!(b["guest"]["running"], false, "{b}");
 
     // A second process cannot take a live control socket.
-    let out = Command::new(common::bin())
-        .args([
-            "source",
-            "--listen",
-            "127.0.0.1:0",
-            "--pair-id",
-            "st1",
-            "--insecure-no-auth",
-            "--control",
-        ])
-        .arg(&sctl)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_control("st1", &sctl);
     assert!(err.contains("another process is listening"), "{err}");
     // And the first one still answers.
     assert_eq!(status(&sctl).0["state"], "protected");
@@ -707,26 +693,24 @@ fn a_flood_of_status_calls_does_not_disturb_the_heartbeat() {
     assert_eq!(backup.count("link-lost"), 0, "{:?}", backup.event_names());
 }
 
+/// Starts a source with `--control path`, which must refuse to start; its stderr.
+fn refused_control(pair: &str, path: &std::path::Path) -> String {
+    let out = Command::new(common::bin())
+        .args(["source", "--listen", "127.0.0.1:0", "--pair-id", pair])
+        .args(["--insecure-no-auth", "--control"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
     let dir = TempDir::new("st3");
     let file = dir.path("not-a-socket");
     std::fs::write(&file, "keep me").unwrap();
-    let out = Command::new(common::bin())
-        .args([
-            "source",
-            "--listen",
-            "127.0.0.1:0",
-            "--pair-id",
-            "st3",
-            "--insecure-no-auth",
-            "--control",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_control("st3", &file);
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
