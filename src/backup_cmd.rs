@@ -96,6 +96,7 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 keepalive,
                 heartbeat,
                 deadline,
+                link: _,
             } => {
                 *an.lock().unwrap_or_else(|e| e.into_inner()) = *heartbeat;
                 emit(

@@ -128,12 +128,13 @@ pub(crate) fn observer(
             keepalive,
             node,
             key_id,
+            link: _,
         } => emit(
             "backup-joined",
             json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
                    "node": node, "key_id": key_id}),
         ),
-        SourceNotice::BackupLost { peer, why } => {
+        SourceNotice::BackupLost { peer, why, .. } => {
             emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
         }
         SourceNotice::BackupRejected {
@@ -144,7 +145,7 @@ pub(crate) fn observer(
             "backup-rejected",
             json!({"peer": peer.to_string(), "why": why, "suppressed": suppressed}),
         ),
-        SourceNotice::BackupEvicted { peer, why } => emit(
+        SourceNotice::BackupEvicted { peer, why, .. } => emit(
             "backup-evicted",
             json!({"peer": peer.to_string(), "why": why}),
         ),

@@ -49,6 +49,7 @@ fn record() -> TakeoverRecord {
         heartbeat: None,
         errno: None,
         epoch: None,
+        link: None,
         detail: "test".to_string(),
     }
 }

@@ -18,7 +18,9 @@ use vmm_keepalive::{EffectiveKeepalive, KeepaliveSpec, SystemDefaults, UserTimeo
 use vmm_sys_util::epoll::EventSet;
 
 use crate::arbiter::{Acquire, ArbiterError};
-use crate::auth::{BackupHandshake, Credentials, HandshakeFailure, OsEntropy, Reader, Session};
+use crate::auth::{
+    BackupHandshake, Credentials, HandshakeFailure, LinkId, OsEntropy, Reader, Session,
+};
 use crate::counters::LinkCounters;
 use crate::hook::{AbortHandle, TakeoverReason, TakeoverRecord, VmStart};
 use crate::link::backup::{self as machine, Action, Input, Link, Outcome, Phase, Policy, State};
@@ -195,6 +197,9 @@ pub enum BackupNotice<'a> {
         heartbeat: Option<Duration>,
         /// The heartbeat deadline (`interval × misses`, at least the local floor).
         deadline: Option<Duration>,
+        /// Names this link on both ends: a stream attached to it (replication) is bound to it,
+        /// and the takeover it may cause carries it ([`TakeoverRecord::link`]).
+        link: Option<LinkId>,
     },
     /// The armed link failed (or carried HANDOFF): without an arbiter, the takeover follows at
     /// once; with one, the arbiter decides.
@@ -359,6 +364,8 @@ pub struct BackupMonitor {
     handshake: Option<BackupHandshake>,
     /// Seals and opens the armed link's frames.
     session: Option<Session>,
+    /// The last armed link's id: what a takeover reports in its record.
+    link: Option<LinkId>,
     entropy: OsEntropy,
     /// A link armed at least once: an unauthenticated refusal after that is never permanent.
     ever_armed: bool,
@@ -435,6 +442,7 @@ impl BackupMonitor {
         Ok(BackupMonitor {
             handshake: None,
             session: None,
+            link: None,
             entropy,
             ever_armed: false,
             backoff: cfg.backoff_min,
@@ -936,11 +944,13 @@ impl BackupMonitor {
         self.send_arbiter_status();
         let peer = self.cfg.connect;
         info!("link to {peer} armed (pair {})", self.cfg.pair_id);
+        self.link = self.session.as_ref().map(Session::link_id);
         (self.observer)(&BackupNotice::Armed {
             peer,
             keepalive: self.keepalive,
             heartbeat: self.heartbeat,
             deadline,
+            link: self.link,
         });
     }
 
@@ -957,6 +967,7 @@ impl BackupMonitor {
             heartbeat: self.heartbeat,
             errno,
             epoch: self.arbiter.as_ref().and_then(|a| a.epoch),
+            link: self.link,
             // With an arbiter the start follows the grant; what the link saw is the detail.
             detail: match self.arbiter.as_ref() {
                 Some(a) if !a.verdict_detail.is_empty() => a.verdict_detail.clone(),

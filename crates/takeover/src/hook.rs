@@ -91,6 +91,9 @@ pub struct TakeoverRecord {
     /// The fencing epoch the arbiter granted with the pair, when an arbiter is configured. It only
     /// ever grows: storage or network fencing can refuse writes tagged with an older one.
     pub epoch: Option<u64>,
+    /// The link whose loss (or HANDOFF) caused the takeover ([`crate::auth::LinkId`]): state that
+    /// arrived over a stream bound to another link is not this link's (replication checks it).
+    pub link: Option<crate::auth::LinkId>,
     /// What exactly was seen, for logs and operators (e.g. "EOF from source").
     pub detail: String,
 }

@@ -64,6 +64,10 @@ pub enum Kind {
     ArbiterStatus = 10,
     /// source → backup: the source cannot renew its lease: check yours now and report.
     ArbiterCheck = 11,
+    /// Never on the heartbeat link: names the data frames of a stream attached to a link (the
+    /// replication stream, sealed with [`crate::auth::Session::seal_data`]) in errors. Its byte
+    /// is refused by the heartbeat link's readers like any unknown kind.
+    Data = 12,
 }
 
 impl Kind {
@@ -104,6 +108,7 @@ impl Kind {
             Kind::Auth => "AUTH",
             Kind::ArbiterStatus => "ARBITER_STATUS",
             Kind::ArbiterCheck => "ARBITER_CHECK",
+            Kind::Data => "DATA",
         }
     }
 }
@@ -592,6 +597,9 @@ impl Frame {
                     Err(bad("expected no payload"))
                 }
             }
+            Kind::Data => Err(bad(
+                "DATA belongs to a stream attached to a link, never to the heartbeat link",
+            )),
         }
     }
 }

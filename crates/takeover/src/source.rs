@@ -28,7 +28,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::arbiter::{Acquire, ArbiterError};
 use crate::auth::{
-    self, AwaitingAuth, Credentials, OsEntropy, Reader, Session, SourceHandshake, WelcomeInfo,
+    self, AwaitingAuth, Credentials, LinkId, OsEntropy, Reader, Session, SourceHandshake,
+    WelcomeInfo,
 };
 use crate::counters::{Closed, LinkCounters, RejectKind};
 use crate::hook::{AbortHandle, VmPause};
@@ -211,6 +212,8 @@ pub enum SourceNotice<'a> {
         node: &'a str,
         /// The key it proved it holds (`None` on an insecure link).
         key_id: Option<u16>,
+        /// Names this link on both ends: a stream attached to it (replication) is bound to it.
+        link: Option<LinkId>,
     },
     /// A connection was refused during the handshake (bad frame, wrong pair id, timeout, limits).
     /// Rate-limited ([`REJECT_REPORTS_PER_SECOND`]): a flood of bad connections is one report
@@ -229,6 +232,8 @@ pub enum SourceNotice<'a> {
         peer: SocketAddr,
         /// How it went.
         why: String,
+        /// The link that went (as [`SourceNotice::BackupJoined`] named it).
+        link: Option<LinkId>,
     },
     /// A joined backup misbehaved and was told to redial (EVICT).
     BackupEvicted {
@@ -236,6 +241,8 @@ pub enum SourceNotice<'a> {
         peer: SocketAddr,
         /// Why.
         why: String,
+        /// The link that goes (as [`SourceNotice::BackupJoined`] named it).
+        link: Option<LinkId>,
     },
     /// A joined backup stopped reading: its heartbeats are skipped and its connection's
     /// `TCP_USER_TIMEOUT` is lifted until it reads again. The source keeps it.
@@ -1343,9 +1350,11 @@ impl SourceListener {
                 }
                 self.flush(ops, idx);
                 self.arm_sweep();
-                let peer = self.conns[idx].as_ref().map_or(self.local_addr, |c| c.peer);
+                let c = self.conns[idx].as_ref();
+                let peer = c.map_or(self.local_addr, |c| c.peer);
+                let link = c.and_then(|c| c.session.as_ref()).map(Session::link_id);
                 warn!("backup {peer} evicted: {why}");
-                (self.observer)(&SourceNotice::BackupEvicted { peer, why });
+                (self.observer)(&SourceNotice::BackupEvicted { peer, why, link });
             }
             Some(ConnAction::Close) => {
                 let c = self.conns[idx].as_ref().expect("present");
@@ -1373,7 +1382,8 @@ impl SourceListener {
                         if !c.node.is_empty() {
                             self.lost_backups.insert(c.node.clone());
                         }
-                        (self.observer)(&SourceNotice::BackupLost { peer, why });
+                        let link = c.session.as_ref().map(Session::link_id);
+                        (self.observer)(&SourceNotice::BackupLost { peer, why, link });
                     }
                 }
             }
@@ -1464,6 +1474,7 @@ impl SourceListener {
             keepalive: c.keepalive.as_ref(),
             node: &c.node,
             key_id: c.key_id,
+            link: c.session.as_ref().map(Session::link_id),
         });
         if self.joined == 1 && self.state == State::Serving {
             if let Some(hb) = self.cfg.heartbeat {

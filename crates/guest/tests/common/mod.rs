@@ -32,6 +32,7 @@ pub fn record(reason: TakeoverReason, errno: Option<i32>) -> TakeoverRecord {
         heartbeat: None,
         errno,
         epoch: None,
+        link: None,
         detail: "test".to_string(),
     }
 }

@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 
 use crate::protocol::{Kind, ProtocolError, RejectCode};
 
-use super::session::{keyed, Role, Session};
+use super::session::{keyed, LinkId, Role, Session};
 use super::wire::{
     self, decode_auth, decode_hello, decode_reject, decode_welcome, encode_auth, encode_hello,
     encode_reject_prefix, encode_welcome_prefix, INFO_B2S, INFO_S2B, LABEL_BACKUP, LABEL_REJECT,
@@ -199,6 +199,7 @@ impl BackupHandshake {
             }
             Kind::Welcome => {
                 let w = decode_welcome(frame)?;
+                let link = LinkId::of(&self.nonce, &w.nonce);
                 let (session, mac_b) = match &self.key {
                     Some(k) => {
                         let transcript = [&self.hello[..], w.prefix];
@@ -211,7 +212,10 @@ impl BackupHandshake {
                         }
                         let mac_b = mac(k.secret(), LABEL_BACKUP, &transcript);
                         let (s2b, b2s) = session_keys(k.secret(), &self.nonce, &w.nonce);
-                        (Session::keyed(Role::Backup, &b2s[..], &s2b[..]), mac_b)
+                        (
+                            Session::keyed(Role::Backup, &b2s[..], &s2b[..], link),
+                            mac_b,
+                        )
                     }
                     None => {
                         if w.mac.iter().any(|&b| b != 0) {
@@ -221,7 +225,7 @@ impl BackupHandshake {
                             )
                             .into());
                         }
-                        (Session::insecure(Role::Backup), [0u8; MAC_LEN])
+                        (Session::insecure(Role::Backup, link), [0u8; MAC_LEN])
                     }
                 };
                 Ok(Welcomed {
@@ -457,6 +461,7 @@ impl AwaitingAuth {
     /// failure — and the same for any bytes that fail to decode at this point.
     pub fn on_auth(self, frame: &[u8]) -> Result<Accepted, AuthFailure> {
         let mac_b = decode_auth(frame).map_err(AuthFailure::Malformed)?;
+        let link = LinkId::of(&self.nonce_b, &self.nonce_s);
         let session = match &self.key {
             Some(k) => {
                 // The same work whether or not the handshake was doomed.
@@ -468,7 +473,7 @@ impl AwaitingAuth {
                     return Err(AuthFailure::BadMac);
                 }
                 let (s2b, b2s) = session_keys(k, &self.nonce_b, &self.nonce_s);
-                Session::keyed(Role::Source, &s2b[..], &b2s[..])
+                Session::keyed(Role::Source, &s2b[..], &b2s[..], link)
             }
             None => {
                 if mac_b.iter().any(|&b| b != 0) {
@@ -477,7 +482,7 @@ impl AwaitingAuth {
                          authentication (--insecure-no-auth)",
                     )));
                 }
-                Session::insecure(Role::Source)
+                Session::insecure(Role::Source, link)
             }
         };
         Ok(Accepted {

@@ -78,7 +78,7 @@ pub use keys::{
     keygen, keygen_add, InvalidKey, Key, KeyFileError, KeyRing, KEYGEN_LEN, MAX_KEY_FILE,
     MAX_KEY_LEN, MIN_KEY_LEN,
 };
-pub use session::{Role, Session};
+pub use session::{LinkId, Role, Session};
 pub use wire::{
     reject_for_error, unauthenticated_reject, Reader, MAC_LEN, NONCE_LEN, SEALED_HEARTBEAT_LEN,
     SEALED_OVERHEAD, SEQ_LEN, TAG_LEN, VERSION,

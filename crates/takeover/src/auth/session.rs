@@ -61,10 +61,67 @@ pub struct Session {
     rx_next: Option<u64>,
     /// Why the session refuses everything, after an error.
     failed: Option<&'static str>,
+    /// Names this link (see [`LinkId`]).
+    link: LinkId,
 }
 
+/// Names one link (one handshake) on both of its ends: a hash of both handshake nonces. Not a
+/// secret (the nonces cross the wire in the clear), but fresh per link, so a stream attached to
+/// a link (the replication stream) can be bound to it, and a backup can tell that state it
+/// received on one link says nothing about a later one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinkId(pub [u8; 16]);
+
+impl LinkId {
+    /// From both nonces of a handshake.
+    pub(crate) fn of(nonce_b: &[u8], nonce_s: &[u8]) -> LinkId {
+        use sha2::Digest;
+        let h = Sha256::new()
+            .chain_update(b"vmm-takeover link id v1")
+            .chain_update(nonce_b)
+            .chain_update(nonce_s)
+            .finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h[..16]);
+        LinkId(id)
+    }
+
+    /// As 32 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// From [`LinkId::to_hex`]'s form; `None` if it is not 32 hex digits.
+    pub fn from_hex(s: &str) -> Option<LinkId> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(LinkId(id))
+    }
+}
+
+impl fmt::Debug for LinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LinkId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for LinkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Domain separation for [`Session::seal_data`]: a data tag covers these bytes first, where a
+/// frame's tag covers `VMTK` and a version byte, so neither can pass for the other.
+const DATA_DOMAIN: &[u8] = b"VMTK-DATA";
+
 impl Session {
-    pub(crate) fn keyed(role: Role, tx_key: &[u8], rx_key: &[u8]) -> Session {
+    pub(crate) fn keyed(role: Role, tx_key: &[u8], rx_key: &[u8], link: LinkId) -> Session {
         Session {
             role,
             tx: Some(keyed(tx_key)),
@@ -72,10 +129,11 @@ impl Session {
             tx_seq: 0,
             rx_next: Some(0),
             failed: None,
+            link,
         }
     }
 
-    pub(crate) fn insecure(role: Role) -> Session {
+    pub(crate) fn insecure(role: Role, link: LinkId) -> Session {
         Session {
             role,
             tx: None,
@@ -83,7 +141,13 @@ impl Session {
             tx_seq: 0,
             rx_next: Some(0),
             failed: None,
+            link,
         }
+    }
+
+    /// Names this link on both of its ends (see [`LinkId`]).
+    pub fn link_id(&self) -> LinkId {
+        self.link
     }
 
     /// This side's role.
@@ -177,6 +241,82 @@ impl Session {
         tag
     }
 
+    /// Seals an opaque `body` for a stream that runs its own framing after this session's
+    /// handshake (the replication stream): returns its sequence number and tag. The tag covers
+    /// a domain label, the sequence number, the body's length and the body, under this
+    /// direction's session key; sequence numbers are shared with [`Session::seal`].
+    pub fn seal_data(&mut self, body: &[u8]) -> (u64, [u8; TAG_LEN]) {
+        let seq = self.take_seq();
+        let mut tag = [0u8; TAG_LEN];
+        if let Some(mac) = &self.tx {
+            let full = mac
+                .clone()
+                .chain_update(DATA_DOMAIN)
+                .chain_update(seq.to_be_bytes())
+                .chain_update((body.len() as u64).to_be_bytes())
+                .chain_update(body)
+                .finalize();
+            tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
+        }
+        (seq, tag)
+    }
+
+    /// Checks an opaque body sealed by the peer's [`Session::seal_data`]: the tag (in constant
+    /// time), then that `seq` is exactly the next one. After an error the session refuses
+    /// everything, as with [`Session::open`].
+    pub fn open_data(&mut self, seq: u64, body: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
+        if let Some(why) = self.failed {
+            return Err(ProtocolError::SessionClosed(why));
+        }
+        let r = self.open_data_inner(seq, body, tag);
+        if r.is_err() {
+            self.failed = Some("an earlier frame was refused");
+        }
+        r
+    }
+
+    fn open_data_inner(&mut self, seq: u64, body: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
+        let kind = Kind::Data;
+        match &self.rx {
+            Some(mac) => mac
+                .clone()
+                .chain_update(DATA_DOMAIN)
+                .chain_update(seq.to_be_bytes())
+                .chain_update((body.len() as u64).to_be_bytes())
+                .chain_update(body)
+                .verify_truncated_left(tag)
+                .map_err(|_| ProtocolError::BadMac { kind, seq })?,
+            None if tag.iter().any(|&b| b != 0) => {
+                return Err(ProtocolError::AuthMode(
+                    "a data frame carries a tag, but this link runs without authentication \
+                     (--insecure-no-auth)",
+                ))
+            }
+            None => {}
+        }
+        let Some(expected) = self.rx_next else {
+            return Err(ProtocolError::SessionClosed(
+                "the sequence numbers are used up",
+            ));
+        };
+        if seq < expected {
+            return Err(ProtocolError::Replayed {
+                kind,
+                got: seq,
+                expected,
+            });
+        }
+        if seq > expected {
+            return Err(ProtocolError::Skipped {
+                kind,
+                got: seq,
+                expected,
+            });
+        }
+        self.rx_next = expected.checked_add(1);
+        Ok(())
+    }
+
     /// Opens one whole sealed frame (as [`super::Reader::next_frame`] hands it over): checks the
     /// header, the tag (in constant time), then that the sequence number is exactly the next one,
     /// then decodes the body.
@@ -258,6 +398,7 @@ impl fmt::Debug for Session {
             .field("next_send_seq", &self.tx_seq)
             .field("next_recv_seq", &self.rx_next)
             .field("failed", &self.failed)
+            .field("link", &self.link)
             .field("keys", &"<redacted>")
             .finish()
     }

@@ -1267,3 +1267,67 @@ fn a_bad_magic_is_refused_at_its_first_wrong_byte_however_the_bytes_arrive() {
     r.push(b"VMT");
     assert_eq!(r.next_handshake(), Ok(None));
 }
+
+#[test]
+fn both_ends_name_the_link_alike_and_each_link_differently() {
+    let (s1, b1) = keyed_pair(1);
+    let (s2, b2) = keyed_pair(2);
+    assert_eq!(b1.link_id(), s1.link_id());
+    assert_eq!(b2.link_id(), s2.link_id());
+    assert_ne!(b1.link_id(), b2.link_id());
+    let hex = b1.link_id().to_hex();
+    assert_eq!(hex.len(), 32);
+    assert_eq!(LinkId::from_hex(&hex), Some(b1.link_id()));
+    for bad in [
+        "",
+        "00",
+        &hex[..31],
+        &format!("{}g", &hex[..31]),
+        &format!("{hex}0"),
+    ] {
+        assert_eq!(LinkId::from_hex(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn data_frames_open_once_in_order_and_refuse_any_change() {
+    // The backup seals, the source opens.
+    let (mut s, mut b) = keyed_pair(3);
+    let body = vec![7u8; 70_000];
+    let (seq0, tag0) = b.seal_data(&body);
+    let (seq1, tag1) = b.seal_data(b"second");
+    assert_eq!((seq0, seq1), (0, 1));
+    // Any change to the body, the sequence number or the tag is refused (each on a fresh session,
+    // since a session refuses everything after one error).
+    let fresh = || keyed_pair(3).0;
+    let mut altered = body.clone();
+    altered[69_999] ^= 1;
+    assert!(matches!(
+        fresh().open_data(seq0, &altered, &tag0),
+        Err(ProtocolError::BadMac {
+            kind: Kind::Data,
+            seq: 0
+        })
+    ));
+    assert!(fresh().open_data(seq0, &body[..69_999], &tag0).is_err());
+    let mut bad_tag = tag0;
+    bad_tag[0] ^= 0x80;
+    assert!(fresh().open_data(seq0, &body, &bad_tag).is_err());
+    // Out of order: the second before the first is a gap.
+    assert!(matches!(
+        fresh().open_data(seq1, b"second", &tag1),
+        Err(ProtocolError::Skipped { .. })
+    ));
+    // In order they open; a replay is refused.
+    s.open_data(seq0, &body, &tag0).unwrap();
+    s.open_data(seq1, b"second", &tag1).unwrap();
+    assert!(matches!(
+        s.open_data(seq1, b"second", &tag1),
+        Err(ProtocolError::SessionClosed(_) | ProtocolError::Replayed { .. })
+    ));
+    // The other direction has its own key: the backup's data does not open as the source's.
+    let (mut s, mut b) = keyed_pair(4);
+    let (seq, tag) = s.seal_data(b"ack");
+    assert!(s.open_data(seq, b"ack", &tag).is_err());
+    b.open_data(seq, b"ack", &tag).unwrap();
+}
