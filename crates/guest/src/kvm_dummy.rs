@@ -290,7 +290,7 @@ impl DummyVmConfig {
     /// Checks the memory size ([`KvmDummyError::BadMemSize`] says what is allowed).
     pub fn check(&self) -> Result<(), KvmDummyError> {
         let size = self.mem_size;
-        let why = if size % PAGE_SIZE != 0 {
+        let why = if !size.is_multiple_of(PAGE_SIZE) {
             "it is not a whole number of pages"
         } else if size < MIN_MEM_SIZE {
             "it is too small"
