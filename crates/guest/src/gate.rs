@@ -111,6 +111,11 @@ struct GateState {
 #[derive(Debug)]
 pub(crate) struct Gate {
     state: Mutex<GateState>,
+    /// Held by `start` (before `state`) and by a checkpoint apply (`DummyVm::apply`) for its
+    /// whole length: `start` waits for an apply to finish, and an apply sees whether the guest
+    /// ever started. Separate from `state` so that readers of `state` (`is_running`, on an event
+    /// loop) never wait for a long apply.
+    apply_lock: Mutex<()>,
     cv: Condvar,
     counter: AtomicU64,
     exits: AtomicU64,
@@ -124,6 +129,7 @@ impl Default for Gate {
     fn default() -> Self {
         Gate {
             state: Mutex::default(),
+            apply_lock: Mutex::new(()),
             cv: Condvar::new(),
             counter: AtomicU64::new(0),
             exits: AtomicU64::new(0),
@@ -237,6 +243,20 @@ impl Gate {
         }
     }
 
+    /// Sets the counter the host reports (a restored checkpoint's, before the first start),
+    /// under the lock like `record_exit` so that `wait_for_counter` cannot miss it.
+    pub(crate) fn set_counter(&self, counter: u64) {
+        let _st = self.lock();
+        self.counter.store(counter, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Excludes `start` while held (see the field `apply_lock`).
+    pub(crate) fn apply_lock(&self) -> MutexGuard<'_, ()> {
+        // Guards no data: a poisoned lock is as good as a clean one.
+        self.apply_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Marks the worker as failed; it must return right after.
     pub(crate) fn fail(&self, why: String) {
         let mut st = self.lock();
@@ -260,6 +280,8 @@ impl Gate {
     /// Releases the worker. `Ok(true)` if it was paused and now runs, `Ok(false)` if it already
     /// ran (a second start does nothing and keeps `started_at`).
     pub(crate) fn start(&self) -> Result<bool, GuestStateError> {
+        // Waits for a checkpoint apply to finish (see `apply_lock`).
+        let _apply = self.apply_lock();
         let mut st = self.lock();
         if let Some(why) = &st.failure {
             return Err(GuestStateError::Failed(why.clone()));
@@ -530,7 +552,7 @@ impl GuestControl {
         })
     }
 
-    fn gate(&self) -> &Gate {
+    pub(crate) fn gate(&self) -> &Gate {
         &self.owner.gate
     }
 

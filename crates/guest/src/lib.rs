@@ -28,7 +28,9 @@ pub mod standby;
 
 pub use command::{CommandError, CommandHook};
 pub use gate::{GuestControl, GuestStateError, DEFAULT_PAUSE_TIMEOUT, DEFAULT_START_TIMEOUT};
-pub use kvm_dummy::{DummyVm, KvmDummyError, COUNTER_PORT};
+pub use kvm_dummy::{
+    Capture, DummyVm, DummyVmConfig, KvmDummyError, VcpuState, COUNTER_PORT, DIRTY_PORT, PAGE_SIZE,
+};
 pub use migrate::{MigrateError, MigrationInfo, QmpMigrate};
 pub use qemu::{QemuError, QemuProcess};
 pub use qmp::{QmpClient, QmpError, QmpStatus, QmpVm};

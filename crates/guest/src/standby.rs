@@ -4,7 +4,7 @@
 use vmm_takeover_core::{HookError, TakeoverRecord, VmPause, VmStart};
 
 use crate::gate::GuestControl;
-use crate::kvm_dummy::{DummyVm, KvmDummyError};
+use crate::kvm_dummy::{DummyVm, DummyVmConfig, KvmDummyError};
 use crate::simulated::{SimulatedVm, SimulatedVmError};
 
 /// A standby guest the demo can start, pause and watch: a real KVM guest or a simulation.
@@ -22,6 +22,19 @@ impl StandbyGuest {
     /// A real dummy KVM guest, created paused.
     pub fn kvm() -> Result<Self, KvmDummyError> {
         DummyVm::new().map(StandbyGuest::Kvm)
+    }
+
+    /// A real dummy KVM guest built from `cfg`, created paused.
+    pub fn kvm_with(cfg: DummyVmConfig) -> Result<Self, KvmDummyError> {
+        DummyVm::with_config(cfg).map(StandbyGuest::Kvm)
+    }
+
+    /// The KVM guest, for checkpointing (`None` for the simulation).
+    pub fn as_dummy(&self) -> Option<&DummyVm> {
+        match self {
+            StandbyGuest::Kvm(vm) => Some(vm),
+            StandbyGuest::Simulated(_) => None,
+        }
     }
 
     /// A simulated guest, created paused.
