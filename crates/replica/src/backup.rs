@@ -14,7 +14,7 @@ use vmm_takeover_core::{AbortHandle, HookError, TakeoverRecord, VmStart};
 
 use crate::message::Message;
 use crate::stream::{self, Stream};
-use crate::{Checkpoint, EventSink, Replicable, ReplicaEvent};
+use crate::{Checkpoint, EventSink, ReplicaEvent, Replicable};
 
 /// How the backup replicates.
 #[derive(Clone)]
@@ -251,7 +251,10 @@ fn receive(
             Ok(m) => m,
             Err(e) => {
                 let why = e.to_string();
-                discard(staging.take(), &format!("the stream ended before its COMMIT ({why})"));
+                discard(
+                    staging.take(),
+                    &format!("the stream ended before its COMMIT ({why})"),
+                );
                 return why;
             }
         };
@@ -281,7 +284,10 @@ fn receive(
                 };
                 if let Some(&bad) = index.iter().find(|&&i| i >= vm.page_count()) {
                     return fail(
-                        format!("page {bad} is outside the guest ({} pages)", vm.page_count()),
+                        format!(
+                            "page {bad} is outside the guest ({} pages)",
+                            vm.page_count()
+                        ),
                         &mut staging,
                     );
                 }
@@ -319,10 +325,7 @@ fn receive(
                         return "the standby took over: nothing more is applied".into();
                     }
                     if g.link != Some(link) {
-                        return fail(
-                            format!("link {link} is no longer armed"),
-                            &mut Some(st),
-                        );
+                        return fail(format!("link {link} is no longer armed"), &mut Some(st));
                     }
                     // Applied under the lock: a takeover waits for it, then sees it.
                     if let Err(e) = vm.apply(&st.cp) {

@@ -115,13 +115,14 @@ impl Replicable for vmm_takeover_guest::DummyVm {
                 state: c.vcpu.to_bytes(),
                 pause: c.pause,
             }),
-            Err(vmm_takeover_guest::KvmDummyError::NotRunning) => Err(CaptureError::NotRunning),
+            Err(vmm_takeover_guest::KvmDummyError::NotRunning(_)) => Err(CaptureError::NotRunning),
             Err(e) => Err(CaptureError::Failed(e.to_string())),
         }
     }
 
     fn apply(&self, c: &Checkpoint) -> Result<(), String> {
-        let vcpu = vmm_takeover_guest::VcpuState::from_bytes(&c.state).map_err(|e| e.to_string())?;
+        let vcpu =
+            vmm_takeover_guest::VcpuState::from_bytes(&c.state).map_err(|e| e.to_string())?;
         vmm_takeover_guest::DummyVm::apply(self, c.reset, &c.pages, &c.data, Some(&vcpu), c.mark)
             .map_err(|e| e.to_string())
     }

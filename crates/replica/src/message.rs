@@ -95,7 +95,9 @@ impl Message {
                 out.push(u8::from(*reset));
             }
             Message::Pages { index, data } => {
-                assert!(index.len() <= MAX_PAGES_PER_MESSAGE && data.len() == index.len() * PAGE_SIZE);
+                assert!(
+                    index.len() <= MAX_PAGES_PER_MESSAGE && data.len() == index.len() * PAGE_SIZE
+                );
                 out.push(PAGES);
                 out.extend_from_slice(&(index.len() as u16).to_be_bytes());
                 for i in index {
@@ -143,7 +145,9 @@ impl Message {
             }
             PAGES => {
                 let n = usize::from(u16::from_be_bytes(
-                    take(&mut rest, 2, "PAGES count")?.try_into().expect("2 bytes"),
+                    take(&mut rest, 2, "PAGES count")?
+                        .try_into()
+                        .expect("2 bytes"),
                 ));
                 if n > MAX_PAGES_PER_MESSAGE {
                     return Err(bad(format!(
@@ -204,11 +208,15 @@ fn take<'a>(rest: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], BadMe
 }
 
 fn take_u64(rest: &mut &[u8], what: &str) -> Result<u64, BadMessage> {
-    Ok(u64::from_be_bytes(take(rest, 8, what)?.try_into().expect("8 bytes")))
+    Ok(u64::from_be_bytes(
+        take(rest, 8, what)?.try_into().expect("8 bytes"),
+    ))
 }
 
 fn take_u32(rest: &mut &[u8], what: &str) -> Result<u32, BadMessage> {
-    Ok(u32::from_be_bytes(take(rest, 4, what)?.try_into().expect("4 bytes")))
+    Ok(u32::from_be_bytes(
+        take(rest, 4, what)?.try_into().expect("4 bytes"),
+    ))
 }
 
 #[cfg(test)]
@@ -217,14 +225,28 @@ mod tests {
 
     fn samples() -> Vec<Message> {
         vec![
-            Message::Begin { seq: 1, reset: true },
-            Message::Begin { seq: u64::MAX, reset: false },
-            Message::Pages { index: vec![], data: vec![] },
+            Message::Begin {
+                seq: 1,
+                reset: true,
+            },
+            Message::Begin {
+                seq: u64::MAX,
+                reset: false,
+            },
+            Message::Pages {
+                index: vec![],
+                data: vec![],
+            },
             Message::Pages {
                 index: vec![16, 17, 4095],
                 data: (0..3 * PAGE_SIZE).map(|i| i as u8).collect(),
             },
-            Message::Commit { seq: 9, mark: 123_456, pages: 3, state: b"regs".to_vec() },
+            Message::Commit {
+                seq: 9,
+                mark: 123_456,
+                pages: 3,
+                state: b"regs".to_vec(),
+            },
             Message::Ack { seq: 9 },
         ]
     }
@@ -245,7 +267,11 @@ mod tests {
             let mut b = Vec::new();
             m.encode(&mut b);
             for cut in 0..b.len() {
-                assert!(Message::decode(&b[..cut]).is_err(), "{} cut at {cut}", m.name());
+                assert!(
+                    Message::decode(&b[..cut]).is_err(),
+                    "{} cut at {cut}",
+                    m.name()
+                );
             }
             b.push(0);
             let e = Message::decode(&b).unwrap_err();

@@ -12,7 +12,7 @@ use vmm_takeover_core::auth::{Credentials, LinkId};
 
 use crate::message::{Message, MAX_PAGES_PER_MESSAGE};
 use crate::stream::{self, Stream, StreamError};
-use crate::{CaptureError, EventSink, Replicable, ReplicaEvent, PAGE_SIZE};
+use crate::{CaptureError, EventSink, ReplicaEvent, Replicable, PAGE_SIZE};
 
 /// A deliberate fault, for tests: stop sending in the middle of checkpoint `seq` of the first
 /// stream (after its BEGIN and, if it has pages, its first PAGES), and send nothing more.
@@ -202,7 +202,11 @@ fn serve(
                 continue;
             }
         };
-        info!("replication stream from {:?} for link {}", s.peer().ok(), s.link());
+        info!(
+            "replication stream from {:?} for link {}",
+            s.peer().ok(),
+            s.link()
+        );
         events(&ReplicaEvent::Connected {
             peer: s.peer().ok(),
             link: s.link(),

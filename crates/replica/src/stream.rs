@@ -145,7 +145,12 @@ fn read_exact_by(
             Ok(0) => return Err(StreamError::Closed),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(StreamError::Timeout(timeout))
             }
             Err(e) => return Err(e.into()),
@@ -175,7 +180,12 @@ fn read_handshake(
             Ok(0) => return Err(StreamError::Closed),
             Ok(n) => reader.push(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(StreamError::Timeout(timeout))
             }
             Err(e) => return Err(e.into()),
@@ -230,8 +240,7 @@ pub fn accept(
     prepare(&sock, timeout)?;
     let mut reader = Reader::new();
     let hello = read_handshake(&mut sock, &mut reader, deadline, timeout)?;
-    let hs = match SourceHandshake::on_hello(credentials, pair_id, &hello, &mut OsEntropy::new()?)
-    {
+    let hs = match SourceHandshake::on_hello(credentials, pair_id, &hello, &mut OsEntropy::new()?) {
         Ok(h) => h,
         Err(e) => {
             let _ = sock.write_all(&auth::reject_for_error(&e));

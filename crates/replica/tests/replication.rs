@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Replication between two real dummy KVM guests over real loopback sockets: the standby resumes
+//! from the last acknowledged checkpoint of the lost link, never from a partial one, never from
+//! another link's, and never below the output the source released.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use vmm_takeover_core::auth::{Credentials, Key, KeyRing, LinkId};
+use vmm_takeover_core::{TakeoverReason, TakeoverRecord, VmStart};
+use vmm_takeover_guest::{DummyVm, DummyVmConfig, KvmDummyError};
+use vmm_takeover_replica::{
+    BackupReplicaConfig, EventSink, Fault, NoReplica, ReplicaBackup, ReplicaEvent, ReplicaSource,
+    ReplicaStart, SourceReplicaConfig,
+};
+
+const BOUND: Duration = Duration::from_secs(20);
+const PAIR: &str = "replica-test";
+
+fn skip(why: impl std::fmt::Display) {
+    println!("SKIPPED: {why}");
+    eprintln!("SKIPPED: {why}");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true, so this may not be skipped: {why}");
+    }
+}
+
+fn vm(dirty_rate: u64) -> Option<DummyVm> {
+    let cfg = DummyVmConfig {
+        mem_size: 4 << 20,
+        dirty_rate,
+        dirty_log: true,
+    };
+    match DummyVm::with_config(cfg) {
+        Ok(vm) => Some(vm),
+        Err(
+            e @ (KvmDummyError::KvmMissing
+            | KvmDummyError::KvmPermission
+            | KvmDummyError::KvmNoDevice(_)
+            | KvmDummyError::KvmOpen(_)),
+        ) => {
+            skip(e);
+            None
+        }
+        Err(e) => panic!("cannot create the dummy VM: {e}"),
+    }
+}
+
+fn creds() -> Credentials {
+    Credentials::Keys(Arc::new(
+        KeyRing::new([Key::new(1, &[7u8; 32]).unwrap()]).unwrap(),
+    ))
+}
+
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<ReplicaEvent>>>);
+
+impl Log {
+    fn sink(&self) -> EventSink {
+        let l = self.0.clone();
+        Arc::new(move |e: &ReplicaEvent| l.lock().unwrap().push(e.clone()))
+    }
+
+    fn wait(&self, what: &str, f: impl Fn(&ReplicaEvent) -> bool) -> ReplicaEvent {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            if let Some(e) = self.0.lock().unwrap().iter().find(|e| f(e)) {
+                return e.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} within {BOUND:?}: {:?}",
+                self.0.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn acked(&self) -> Vec<(u64, u64)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                ReplicaEvent::Acked { seq, mark, .. } => Some((*seq, *mark)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn link(n: u8) -> LinkId {
+    LinkId([n; 16])
+}
+
+fn record(link: Option<LinkId>) -> TakeoverRecord {
+    TakeoverRecord {
+        reason: TakeoverReason::PeerClosed,
+        pair_id: PAIR.into(),
+        armed_at: SystemTime::now(),
+        detected_at: SystemTime::now(),
+        detected_instant: Instant::now(),
+        keepalive: None,
+        heartbeat: None,
+        errno: None,
+        epoch: None,
+        link,
+        detail: "test".into(),
+    }
+}
+
+struct Pair {
+    src_vm: DummyVm,
+    src: ReplicaSource,
+    src_log: Log,
+    bak_vm: DummyVm,
+    bak: ReplicaBackup,
+    bak_log: Log,
+}
+
+fn pair(fault: Option<Fault>) -> Option<Pair> {
+    let src_vm = vm(4 << 20)?;
+    let bak_vm = vm(4 << 20)?;
+    src_vm.start().unwrap();
+    let src_log = Log::default();
+    let mut cfg = SourceReplicaConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        PAIR.into(),
+        creds(),
+        Duration::from_millis(20),
+    );
+    cfg.fault = fault;
+    let src = ReplicaSource::start(cfg, Arc::new(src_vm.clone()), 0, src_log.sink()).unwrap();
+    let bak_log = Log::default();
+    let addr: SocketAddr = src.local_addr();
+    let bak = ReplicaBackup::start(
+        BackupReplicaConfig::new(addr, PAIR.into(), creds()),
+        Arc::new(bak_vm.clone()),
+        bak_log.sink(),
+    )
+    .unwrap();
+    src.bind_link(Some(link(1)));
+    bak.set_link(Some(link(1)));
+    Some(Pair {
+        src_vm,
+        src,
+        src_log,
+        bak_vm,
+        bak,
+        bak_log,
+    })
+}
+
+#[test]
+fn standby_resumes_from_the_last_acked_checkpoint_at_or_above_released_output() {
+    let Some(p) = pair(None) else { return };
+    p.bak_log.wait("a full checkpoint applied", |e| {
+        matches!(
+            e,
+            ReplicaEvent::Applied {
+                seq: 1,
+                full: true,
+                ..
+            }
+        )
+    });
+    p.src_log.wait("checkpoint 5 acked", |e| {
+        matches!(e, ReplicaEvent::Acked { seq: 5, .. })
+    });
+    // The source dies (its guest stops, its stream goes quiet).
+    p.src.stop();
+    p.src_vm.pause().unwrap();
+    let released = p.src.released();
+    let source_at = p.src_vm.counter();
+    let mut start = ReplicaStart::new(p.bak_vm.clone(), p.bak.clone());
+    start.vm_start(&record(Some(link(1)))).unwrap();
+    let applied = p.bak.applied().unwrap();
+    assert!(
+        applied.mark >= released,
+        "resumed from {applied:?}, below released output {released}"
+    );
+    assert!(applied.mark <= source_at);
+    // The guest continues from the checkpoint, not from 0.
+    assert!(p.bak_vm.wait_for_counter(applied.mark + 1000, BOUND));
+    let acked = p.src_log.acked();
+    assert!(
+        acked
+            .windows(2)
+            .all(|w| w[1].0 == w[0].0 + 1 && w[1].1 >= w[0].1),
+        "{acked:?}"
+    );
+}
+
+#[test]
+fn a_checkpoint_cut_in_half_is_never_applied() {
+    let Some(p) = pair(Some(Fault { stall_at: 4 })) else {
+        return;
+    };
+    p.src_log.wait("the fault", |e| {
+        matches!(e, ReplicaEvent::FaultInjected { seq: 4 })
+    });
+    p.src.stop();
+    p.src_vm.pause().unwrap();
+    // The stream breaks (the source host dies): drop the backup's link, as its takeover would.
+    let mut start = ReplicaStart::new(p.bak_vm.clone(), p.bak.clone());
+    // Checkpoint 3 is the last whole one; the half of 4 stays staged and is never applied.
+    let applied = p.bak.applied().unwrap();
+    assert_eq!(applied.seq, 3);
+    start.vm_start(&record(Some(link(1)))).unwrap();
+    assert_eq!(p.bak.applied().unwrap().seq, 3);
+    let acked = p.src_log.acked();
+    assert_eq!(acked.last().unwrap().0, 3);
+    assert!(p.bak_vm.counter() >= acked.last().unwrap().1);
+}
+
+#[test]
+fn no_checkpoint_or_another_links_checkpoint_starts_nothing() {
+    let Some(p) = pair(None) else { return };
+    p.bak_log.wait("a full checkpoint applied", |e| {
+        matches!(e, ReplicaEvent::Applied { seq: 1, .. })
+    });
+    let mut start = ReplicaStart::new(p.bak_vm.clone(), p.bak.clone());
+    let e = start.vm_start(&record(Some(link(2)))).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("another backup may have acknowledged"),
+        "{e}"
+    );
+    assert!(matches!(
+        *start.refusal().lock().unwrap(),
+        Some(NoReplica::OtherLink { .. })
+    ));
+    assert!(!p.bak_vm.is_running());
+    assert_eq!(p.bak_vm.starts(), 0);
+
+    let Some(fresh) = vm(0) else { return };
+    let b = ReplicaBackup::start(
+        BackupReplicaConfig::new("127.0.0.1:9".parse().unwrap(), PAIR.into(), creds()),
+        Arc::new(fresh.clone()),
+        Log::default().sink(),
+    )
+    .unwrap();
+    let mut start = ReplicaStart::new(fresh.clone(), b);
+    let e = start.vm_start(&record(Some(link(1)))).unwrap_err();
+    assert!(
+        e.to_string().contains("no checkpoint was ever applied"),
+        "{e}"
+    );
+    assert_eq!(fresh.starts(), 0);
+}
+
+#[test]
+fn a_stream_for_a_link_that_is_not_armed_is_refused() {
+    let Some(p) = pair(None) else { return };
+    p.bak_log.wait("synced", |e| {
+        matches!(e, ReplicaEvent::Applied { seq: 1, .. })
+    });
+    // The source's armed link changes (another backup armed): the stream ends at its next step,
+    // and the backup's redial for its old link is refused.
+    p.src.bind_link(Some(link(9)));
+    p.bak_log.wait("the stream ends", |e| {
+        matches!(e, ReplicaEvent::Lost { .. })
+    });
+    p.bak_log.wait("the redial is refused", |e| {
+        matches!(e, ReplicaEvent::Refused { .. })
+    });
+    p.src_log.wait("the source refuses it", |e| {
+        matches!(e, ReplicaEvent::Refused { why } if why.contains("not the armed backup's link"))
+    });
+}
