@@ -17,9 +17,10 @@ use vmm_keepalive::UserTimeout;
 use vmm_takeover_core::auth::Credentials;
 use vmm_takeover_core::{
     ArbiterSession, BackupConfig, BackupMonitor, BackupNotice, SourceConfig, SourceHandle,
-    SourceListener, VmPause,
+    SourceListener, VmPause, VmStart,
 };
 use vmm_takeover_guest::{QmpVm, StandbyGuest};
+use vmm_takeover_replica::ReplicaStart;
 
 use crate::cli::BackupArgs;
 use crate::events::{self, emit, unix_us};
@@ -43,6 +44,21 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     let auth = crate::auth_json(&cfg.credentials, true);
     let incomplete = Arc::new(AtomicBool::new(false));
     let (hook, guest) = hooks::start_hook(&a, &incomplete)?;
+    // With --replica-from the standby is resumed only from a checkpoint of the link it lost.
+    let (hook, replica, refusal): (Box<dyn VmStart>, _, _) = match a.replica_from {
+        Some(from) => {
+            let vm = crate::replica::dummy(guest.as_ref(), "--replica-from")?;
+            let r = crate::replica::start_backup(from, &a.pair_id, &credentials, vm)?;
+            let start = ReplicaStart::new(vm.clone(), r.clone());
+            let refusal = start.refusal();
+            (Box::new(start), Some(r), Some(refusal))
+        }
+        None => (hook, None, None),
+    };
+    if a.then_checkpoint.is_some() {
+        crate::replica::dummy(guest.as_ref(), "--then-checkpoint")?;
+    }
+    let rp = replica.clone();
     let session = open_arbiter(&a.arbiter)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
     // With an arbiter the process also stays to hold the pair's lease for the guest it started:
@@ -96,8 +112,11 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 keepalive,
                 heartbeat,
                 deadline,
-                link: _,
+                link,
             } => {
+                if let Some(r) = &rp {
+                    r.set_link(*link);
+                }
                 *an.lock().unwrap_or_else(|e| e.into_inner()) = *heartbeat;
                 emit(
                     "armed",
@@ -121,10 +140,16 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 }
             }
             BackupNotice::LinkUntrusted { why } => emit("link-untrusted", json!({"why": why})),
-            BackupNotice::LinkLost { reason, detail } => emit(
-                "link-lost",
-                json!({"reason": reason.as_str(), "detail": detail}),
-            ),
+            BackupNotice::LinkLost { reason, detail } => {
+                // No checkpoint is applied past the link's end: the takeover sees what it had.
+                if let Some(r) = &rp {
+                    r.set_link(None);
+                }
+                emit(
+                    "link-lost",
+                    json!({"reason": reason.as_str(), "detail": detail}),
+                );
+            }
             BackupNotice::Takeover(r) => {
                 to.store(true, Ordering::SeqCst);
                 *wo.lock().unwrap_or_else(|e| e.into_inner()) = r.epoch;
@@ -142,10 +167,13 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
             }
             BackupNotice::HookFinished { result, took } => match result {
                 Ok(()) => {
+                    let applied = rp.as_ref().and_then(|r| r.applied());
                     emit(
                         "vm-started",
                         json!({"took_us": us(*took),
-                               "guest_counter": g.as_ref().map(|g| g.counter())}),
+                               "guest_counter": g.as_ref().map(|g| g.counter()),
+                               "checkpoint_seq": applied.map(|c| c.seq),
+                               "checkpoint_mark": applied.map(|c| c.mark)}),
                     );
                     if keep_running && !sa.load(Ordering::SeqCst) {
                         sv.store(true, Ordering::SeqCst);
@@ -158,6 +186,15 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                 }
                 // The standby QEMU was receiving a live migration that did not complete:
                 // nothing was started, and nothing will be.
+                // Replicating, but no checkpoint of the lost link: nothing was started.
+                Err(e)
+                    if refusal
+                        .as_ref()
+                        .is_some_and(|r| r.lock().unwrap_or_else(|p| p.into_inner()).is_some()) =>
+                {
+                    emit("replica-missing", json!({"error": e, "took_us": us(*took)}));
+                    ex.set(exit::NO_REPLICA);
+                }
                 Err(e) if inc.load(Ordering::SeqCst) => {
                     emit(
                         "migration-incomplete",
@@ -379,6 +416,23 @@ impl Promotion<'_> {
             (None, Some(path)) => Box::new(QmpVm::new(path.clone()).with_timeout(a.hook_timeout)),
             (None, None) => return Err("no guest to pause for a handoff".to_string()),
         };
+        // The promoted source's own replica (--then-checkpoint): the output already shown
+        // stays released; what the guest does from now on waits for the new backup's ACKs.
+        let replica = match (a.then_checkpoint, a.then_replica_listen, &self.guest) {
+            (Some(every), Some(listen), Some(g)) => {
+                let vm =
+                    crate::replica::dummy(Some(g), "--then-checkpoint").map_err(|f| f.message)?;
+                Some(crate::replica::start_source(
+                    listen,
+                    &a.pair_id,
+                    &cfg.credentials,
+                    every,
+                    vm,
+                    g.counter(),
+                )?)
+            }
+            _ => None,
+        };
         let exit = Exit::default();
         let mut listener = SourceListener::new(
             cfg,
@@ -387,6 +441,7 @@ impl Promotion<'_> {
                 self.guest.clone(),
                 self.session.map(|s| s.holder().to_string()),
                 self.session.map(|s| s.describe().to_string()),
+                replica,
             ),
         )
         .map_err(|e| e.to_string())?;

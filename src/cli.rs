@@ -287,6 +287,18 @@ pub struct SourceArgs {
     /// `kvm-dummy` (a real KVM guest) or `simulated` (a counting thread, no KVM needed).
     #[arg(long, value_name = "KIND", conflicts_with = "on_handoff", value_parser = ["kvm-dummy", "simulated"])]
     pub vm: Option<String>,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Replicate the `kvm-dummy` guest to the backup every this often (Remus-style checkpoints,
+    /// `1ms..=10s`), over a stream the backup dials at --replica-listen. Output commit: the
+    /// guest's output (its counter, in `guest` events) is released only once the backup holds
+    /// a checkpoint covering it. Serves one backup.
+    #[arg(long, value_name = "DURATION", value_parser = parse_checkpoint, requires = "replica_listen")]
+    pub checkpoint: Option<Duration>,
+    /// With --checkpoint: where the backup's replication stream connects (`HOST:PORT`, port 0
+    /// picks one; see the `replica-listening` event).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port, requires = "checkpoint")]
+    pub replica_listen: Option<SocketAddr>,
     /// The pause and resume hooks must return within this time.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     pub hook_timeout: Duration,
@@ -304,6 +316,19 @@ pub struct SourceArgs {
     /// takes over. Give it after `--`.
     #[arg(last = true, value_name = "VMM_COMMAND")]
     pub vmm: Vec<String>,
+}
+
+/// The built-in `kvm-dummy` guest's shape, and Remus-style replication (`docs/replication.md`).
+#[derive(Debug, Args, Clone)]
+pub struct GuestArgs {
+    /// Memory of the `kvm-dummy` guest (`128KiB`..=`4GiB`, a multiple of 4 KiB; `K`/`M`/`G` and
+    /// `KiB`/`MiB`/`GiB` are binary). A replica's must equal its source's.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_mem_size)]
+    pub guest_mem: usize,
+    /// How fast the `kvm-dummy` guest writes its memory, page by page (e.g. `10MiB/s`; `0`:
+    /// never): the load replication carries.
+    #[arg(long, value_name = "SIZE/s", default_value = "0", value_parser = parse_rate)]
+    pub guest_dirty_rate: u64,
 }
 
 /// `vmm-takeover backup`.
@@ -358,6 +383,20 @@ pub struct BackupArgs {
     /// --heartbeat) [default: the interval the old source announced, if any].
     #[arg(long, value_name = "DURATION", value_parser = parse_heartbeat, requires = "then_listen")]
     pub then_heartbeat: Option<Duration>,
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// Keep the `kvm-dummy` standby a replica of the source's guest: dial the source's
+    /// --replica-listen address, apply its checkpoints, and on takeover resume from the last
+    /// one that came whole over the link just lost. Without one, nothing is started (exit 10).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    pub replica_from: Option<SocketAddr>,
+    /// With --then-listen and --replica-from: the promoted source replicates its guest to its
+    /// own backup every this often (as the source's --checkpoint).
+    #[arg(long, value_name = "DURATION", value_parser = parse_checkpoint, requires_all = ["then_listen", "then_replica_listen"])]
+    pub then_checkpoint: Option<Duration>,
+    /// With --then-checkpoint: the promoted source's --replica-listen.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port, requires = "then_checkpoint")]
+    pub then_replica_listen: Option<SocketAddr>,
     /// `vm_start` must return within this time; after it the takeover is reported as
     /// `hook-timeout` (exit 6) and the hook is aborted (a command's process group is killed).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
@@ -496,9 +535,85 @@ fn parse_heartbeat(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Checkpoint intervals: Remus ran at 25 ms; below 1 ms the pause is most of the time.
+fn parse_checkpoint(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 25ms or 1s: {e}"))?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(10) {
+        return Err(format!(
+            "a checkpoint interval must be 1ms..=10s, got {s:?}"
+        ));
+    }
+    Ok(d)
+}
+
+/// `N`, `NK`/`NKiB`, `NM`/`NMiB`, `NG`/`NGiB` (binary multiples), in bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB, 512KiB or 4096"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (allowed: B, K/KiB, M/MiB, G/GiB, all binary)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_mem_size(s: &str) -> Result<usize, String> {
+    use vmm_takeover_guest::kvm_dummy::{MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
+    let n = parse_size(s)?;
+    if n < MIN_MEM_SIZE as u64 || n > MAX_MEM_SIZE as u64 || n % PAGE_SIZE as u64 != 0 {
+        return Err(format!(
+            "guest memory must be 128KiB..=4GiB and a multiple of 4KiB, got {s:?}"
+        ));
+    }
+    Ok(n as usize)
+}
+
+/// `SIZE/s` (or a bare `SIZE`, per second).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let size = s.strip_suffix("/s").unwrap_or(s);
+    let n = parse_size(size)?;
+    if n > 1 << 40 {
+        return Err(format!("a dirty rate must be at most 1TiB/s, got {s:?}"));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_rates_and_checkpoint_intervals_parse_or_say_what_is_allowed() {
+        assert_eq!(parse_mem_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_mem_size("128K").unwrap(), 128 << 10);
+        assert_eq!(parse_mem_size("4G").unwrap(), 4 << 30);
+        for bad in ["64KiB", "5G", "131073", "12 parsecs", "", "MiB"] {
+            let e = parse_mem_size(bad).unwrap_err();
+            assert!(e.contains(bad) || e.contains("size like"), "{bad}: {e}");
+        }
+        assert!(parse_mem_size("1T")
+            .unwrap_err()
+            .contains("allowed: B, K/KiB"));
+        assert_eq!(parse_rate("10MiB/s").unwrap(), 10 << 20);
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert!(parse_rate("2048G/s").is_err());
+        assert_eq!(parse_checkpoint("25ms").unwrap(), Duration::from_millis(25));
+        assert!(parse_checkpoint("11s").unwrap_err().contains("1ms..=10s"));
+        assert!(parse_checkpoint("500us").is_err());
+    }
 
     #[test]
     fn ip_literals_pass_through_and_names_resolve() {

@@ -12,7 +12,9 @@ use vmm_takeover_guest::StandbyGuest;
 
 use crate::events::emit;
 
-/// Emits `{"event":"guest","kind":…,"running":…,"counter":…,"exits":…}` every `every`.
+/// Emits `{"event":"guest","kind":…,"running":…,"counter":…,"exits":…}` every `every`. With
+/// replication (`output_commit: true`) the counter is the guest's output as released: covered by
+/// a checkpoint the backup acknowledged, never past it.
 pub struct GuestReport {
     guest: StandbyGuest,
     timer: TimerFd,
@@ -34,7 +36,9 @@ impl GuestReport {
         emit(
             "guest",
             json!({"kind": guest.kind(), "real": guest.is_real(), "running": guest.is_running(),
-                   "counter": guest.counter(), "exits": guest.exits()}),
+                   "counter": crate::replica::reported_counter(guest),
+                   "output_commit": crate::replica::output_committed(),
+                   "exits": guest.exits()}),
         );
     }
 }

@@ -6,15 +6,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmm_takeover_core::{AbortHandle, HookError, TakeoverRecord, VmPause, VmStart};
-use vmm_takeover_guest::{CommandHook, QmpError, QmpMigrate, QmpVm, StandbyGuest};
+use vmm_takeover_guest::{CommandHook, DummyVmConfig, QmpError, QmpMigrate, QmpVm, StandbyGuest};
 
-use crate::cli::{BackupArgs, SourceArgs};
+use crate::cli::{BackupArgs, GuestArgs, SourceArgs};
 
 /// A guest that lives inside this process (`--vm`), which the CLI reports on.
-pub fn local_guest(kind: Option<&str>) -> Result<Option<StandbyGuest>, String> {
+pub fn local_guest(
+    kind: Option<&str>,
+    shape: &GuestArgs,
+    dirty_log: bool,
+) -> Result<Option<StandbyGuest>, String> {
     match kind {
         None => Ok(None),
-        Some("kvm-dummy") => StandbyGuest::kvm().map(Some).map_err(|e| e.to_string()),
+        Some("kvm-dummy") => StandbyGuest::kvm_with(DummyVmConfig {
+            mem_size: shape.guest_mem,
+            dirty_rate: shape.guest_dirty_rate,
+            dirty_log,
+        })
+        .map(Some)
+        .map_err(|e| e.to_string()),
         Some("simulated") => StandbyGuest::simulated()
             .map(Some)
             .map_err(|e| e.to_string()),
@@ -48,7 +58,11 @@ pub fn start_hook(
             None,
         ));
     }
-    if let Some(guest) = local_guest(a.vm.as_deref())? {
+    if let Some(guest) = local_guest(
+        a.vm.as_deref(),
+        &a.guest,
+        a.replica_from.is_some() || a.then_checkpoint.is_some(),
+    )? {
         return Ok((Box::new(guest.clone()), Some(guest)));
     }
     Ok((
@@ -115,7 +129,7 @@ pub fn pause_hook(a: &SourceArgs) -> Result<WithGuest<Option<Box<dyn VmPause>>>,
             None,
         ));
     }
-    if let Some(guest) = local_guest(a.vm.as_deref())? {
+    if let Some(guest) = local_guest(a.vm.as_deref(), &a.guest, a.checkpoint.is_some())? {
         // The source's guest is the primary; the caller starts it (after owning the pair, with
         // an arbiter).
         return Ok((Some(Box::new(guest.clone())), Some(guest)));

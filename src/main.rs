@@ -14,6 +14,7 @@ mod guest_report;
 mod hooks;
 mod ops;
 mod output;
+mod replica;
 mod signals;
 mod source_cmd;
 mod vmm_child;
@@ -61,6 +62,9 @@ pub mod exit {
     /// The backup's QEMU was receiving a live migration that did not complete: its image is
     /// incomplete and nothing was started.
     pub const INCOMPLETE: u8 = 9;
+    /// The backup replicates (`--replica-from`) but holds no checkpoint of the link it lost:
+    /// resuming would take back output the source released, so nothing was started.
+    pub const NO_REPLICA: u8 = 10;
 }
 
 /// Why a command ended before its loop ran: an exit code and a message.

@@ -13,6 +13,7 @@ use log::{error, warn};
 use serde_json::{json, Value};
 use std::time::Duration;
 
+use vmm_takeover_core::auth::LinkId;
 use vmm_takeover_core::link::source::Refusal;
 use vmm_takeover_core::source::{fence_margin, SourceObserver};
 use vmm_takeover_core::vmm_keepalive::{KeepaliveSpec, SystemDefaults};
@@ -20,6 +21,7 @@ use vmm_takeover_core::{
     Acquire, ArbiterSession, SourceConfig, SourceHandle, SourceListener, SourceNotice,
 };
 use vmm_takeover_guest::StandbyGuest;
+use vmm_takeover_replica::ReplicaSource;
 
 use crate::cli::SourceArgs;
 use crate::events::{self, emit};
@@ -43,8 +45,9 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     let auth = crate::auth_json(&cfg.credentials, false);
     cfg.max_pending = a.max_pending as usize;
     cfg.max_pending_per_addr = a.max_pending_per_addr as usize;
-    if a.migrate_to.is_some() {
+    if a.migrate_to.is_some() || a.checkpoint.is_some() {
         // HANDOFF must go to the backup whose QEMU receives the migration: there is one.
+        // Replication keeps one replica, the armed backup's.
         cfg.max_backups = 1;
     }
     let (pause, guest) = hooks::pause_hook(&a)?;
@@ -63,6 +66,17 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
         g.start()
             .map_err(|e| Failure::runtime(format!("cannot start the local guest: {e}")))?;
     }
+    // Replication starts with the guest: it holds the guest's output from its first value.
+    let replica = match (a.checkpoint, a.replica_listen) {
+        (Some(every), Some(listen)) => {
+            let vm = crate::replica::dummy(guest.as_ref(), "--checkpoint")?;
+            Some(
+                crate::replica::start_source(listen, &a.pair_id, &cfg.credentials, every, vm, 0)
+                    .map_err(Failure::runtime)?,
+            )
+        }
+        _ => None,
+    };
     // The VMM child starts after the pair is ours, and shares fate with this process.
     let (watch, vmm_exit) = watch_vmm(&a.vmm, a.qmp.clone(), a.health_interval)?;
     let exit = Exit::default();
@@ -70,7 +84,7 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     let arbiter_url = session.as_ref().map(|s| s.describe().to_string());
     let mut listener = SourceListener::new(
         cfg,
-        observer(exit.clone(), guest.clone(), holder, arbiter_url),
+        observer(exit.clone(), guest.clone(), holder, arbiter_url, replica),
     )
     .map_err(Failure::core)?;
     let pause_name = pause.as_ref().map(|p| p.describe());
@@ -120,21 +134,32 @@ pub(crate) fn observer(
     guest: Option<StandbyGuest>,
     holder: Option<String>,
     arbiter_url: Option<String>,
+    replica: Option<ReplicaSource>,
 ) -> SourceObserver {
     let (ex, g) = (exit, guest);
+    // The replication stream serves the armed backup's link only (one backup with --checkpoint).
+    let bind = move |link: Option<LinkId>| {
+        if let Some(r) = &replica {
+            r.bind_link(link);
+        }
+    };
     Box::new(move |n: &SourceNotice| match n {
         SourceNotice::BackupJoined {
             peer,
             keepalive,
             node,
             key_id,
-            link: _,
-        } => emit(
-            "backup-joined",
-            json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
-                   "node": node, "key_id": key_id}),
-        ),
+            link,
+        } => {
+            bind(*link);
+            emit(
+                "backup-joined",
+                json!({"peer": peer.to_string(), "keepalive": keepalive_json(*keepalive),
+                       "node": node, "key_id": key_id}),
+            );
+        }
         SourceNotice::BackupLost { peer, why, .. } => {
+            bind(None);
             emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
         }
         SourceNotice::BackupRejected {
@@ -145,10 +170,13 @@ pub(crate) fn observer(
             "backup-rejected",
             json!({"peer": peer.to_string(), "why": why, "suppressed": suppressed}),
         ),
-        SourceNotice::BackupEvicted { peer, why, .. } => emit(
-            "backup-evicted",
-            json!({"peer": peer.to_string(), "why": why}),
-        ),
+        SourceNotice::BackupEvicted { peer, why, .. } => {
+            bind(None);
+            emit(
+                "backup-evicted",
+                json!({"peer": peer.to_string(), "why": why}),
+            );
+        }
         SourceNotice::BackupSlow { peer, unsent } => emit(
             "backup-slow",
             json!({"peer": peer.to_string(), "unsent_bytes": unsent}),
@@ -221,7 +249,7 @@ pub(crate) fn observer(
             emit(
                 "fenced",
                 json!({"why": why, "pause_error": pause_error,
-                       "guest_counter": g.as_ref().map(|g| g.counter()),
+                       "guest_counter": g.as_ref().map(crate::replica::reported_counter),
                        "guest_running": g.as_ref().map(|g| g.is_running())}),
             );
             ex.set(exit::OWNED);

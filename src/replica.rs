@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Replication in the CLI (`--checkpoint`, `--replica-from`, `--then-checkpoint`): the replica
+//! crate's threads started from the flags, their reports as JSON events, and output commit on
+//! what this process shows of its guest.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde_json::json;
+use vmm_takeover_core::auth::Credentials;
+use vmm_takeover_guest::{DummyVm, StandbyGuest};
+use vmm_takeover_replica::{
+    BackupReplicaConfig, EventSink, Fault, ReplicaBackup, ReplicaEvent, ReplicaSource,
+    SourceReplicaConfig,
+};
+
+use crate::events::emit;
+use crate::{exit, us, Failure};
+
+/// The replication this process serves as a source, once it does: from then on what it reports of
+/// its guest's output is what the backup holds (output commit).
+static OUTPUT: OnceLock<ReplicaSource> = OnceLock::new();
+
+/// The guest's output (its counter) as this process may show it: with replication, only what a
+/// checkpoint the backup acknowledged covers; otherwise the counter itself.
+pub fn reported_counter(g: &StandbyGuest) -> u64 {
+    OUTPUT
+        .get()
+        .map_or_else(|| g.counter(), ReplicaSource::released)
+}
+
+/// Whether output is held for acknowledgements (for the `guest` event's `output_commit`).
+pub fn output_committed() -> bool {
+    OUTPUT.get().is_some()
+}
+
+/// The dummy KVM guest replication needs, or a usage error naming the flag.
+pub fn dummy<'a>(guest: Option<&'a StandbyGuest>, flag: &str) -> Result<&'a DummyVm, Failure> {
+    guest
+        .and_then(StandbyGuest::as_dummy)
+        .ok_or_else(|| Failure {
+            code: exit::USAGE,
+            message: format!(
+                "{flag} needs --vm kvm-dummy: replication takes the guest's dirty pages from KVM, \
+             which only the built-in KVM guest exposes here"
+            ),
+        })
+}
+
+/// `VMM_TAKEOVER_FAULT=checkpoint-stall:N` (tests only): the source stops sending in the middle
+/// of checkpoint N, as a kill in mid-stream would leave it.
+fn fault() -> Option<Fault> {
+    let v = std::env::var("VMM_TAKEOVER_FAULT").ok()?;
+    let n = v.strip_prefix("checkpoint-stall:")?.parse().ok()?;
+    log::warn!("fault injection asked: checkpoint {n} will be cut in half");
+    Some(Fault { stall_at: n })
+}
+
+/// Starts replicating `vm` to the backup that dials `listen`; `start_mark` is the output already
+/// shown (a promoted backup's), which stays released.
+pub fn start_source(
+    listen: SocketAddr,
+    pair_id: &str,
+    credentials: &Credentials,
+    interval: Duration,
+    vm: &DummyVm,
+    start_mark: u64,
+) -> Result<ReplicaSource, String> {
+    let mut cfg =
+        SourceReplicaConfig::new(listen, pair_id.to_string(), credentials.clone(), interval);
+    cfg.fault = fault();
+    let r = ReplicaSource::start(cfg, Arc::new(vm.clone()), start_mark, sink())
+        .map_err(|e| format!("cannot listen for the replication stream on {listen}: {e}"))?;
+    // One guest per process: the first replication started is the one its output follows.
+    let _ = OUTPUT.set(r.clone());
+    Ok(r)
+}
+
+/// Starts keeping `vm` a replica of the source's guest at `from`.
+pub fn start_backup(
+    from: SocketAddr,
+    pair_id: &str,
+    credentials: &Credentials,
+    vm: &DummyVm,
+) -> Result<ReplicaBackup, Failure> {
+    let cfg = BackupReplicaConfig::new(from, pair_id.to_string(), credentials.clone());
+    ReplicaBackup::start(cfg, Arc::new(vm.clone()), sink())
+        .map_err(|e| Failure::runtime(format!("cannot start the replication thread: {e}")))
+}
+
+/// The replication threads' reports as events.
+fn sink() -> EventSink {
+    Arc::new(|e: &ReplicaEvent| match e {
+        ReplicaEvent::Listening { addr } => {
+            emit("replica-listening", json!({"addr": addr.to_string()}));
+        }
+        ReplicaEvent::Connected { peer, link } => emit(
+            "replica-connected",
+            json!({"peer": peer.map(|p| p.to_string()), "link": link.to_string()}),
+        ),
+        ReplicaEvent::Refused { why } => emit("replica-refused", json!({"why": why})),
+        ReplicaEvent::Acked {
+            seq,
+            full,
+            pages,
+            bytes,
+            pause,
+            mark,
+            rtt,
+        } => emit(
+            "checkpoint",
+            json!({"seq": seq, "full": full, "pages": pages, "bytes": bytes,
+                   "pause_us": us(*pause), "released": mark, "rtt_us": us(*rtt)}),
+        ),
+        ReplicaEvent::Applied {
+            seq,
+            full,
+            pages,
+            mark,
+        } => emit(
+            "checkpoint-applied",
+            json!({"seq": seq, "full": full, "pages": pages, "mark": mark}),
+        ),
+        ReplicaEvent::Discarded { seq, pages, why } => emit(
+            "checkpoint-discarded",
+            json!({"seq": seq, "pages": pages, "why": why}),
+        ),
+        ReplicaEvent::Lost { why } => emit("replica-lost", json!({"why": why})),
+        ReplicaEvent::FaultInjected { seq } => emit("fault-injected", json!({"seq": seq})),
+    })
+}
