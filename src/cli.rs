@@ -324,12 +324,20 @@ pub struct GuestArgs {
     /// Memory of the `kvm-dummy` guest (`128KiB`..=`4GiB`, a multiple of 4 KiB; `K`/`M`/`G` and
     /// `KiB`/`MiB`/`GiB` are binary). A replica's must equal its source's.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_mem_size)]
-    pub guest_mem: usize,
+    pub guest_mem: MemSize,
     /// How fast the `kvm-dummy` guest writes its memory, page by page (e.g. `10MiB/s`; `0`:
     /// never): the load replication carries.
     #[arg(long, value_name = "SIZE/s", default_value = "0", value_parser = parse_rate)]
-    pub guest_dirty_rate: u64,
+    pub guest_dirty_rate: DirtyRate,
 }
+
+/// Guest memory in bytes (a string with a unit in config files, as on the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemSize(pub usize);
+
+/// Bytes per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyRate(pub u64);
 
 /// `vmm-takeover backup`.
 #[derive(Debug, Args)]
@@ -570,7 +578,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn parse_mem_size(s: &str) -> Result<usize, String> {
+fn parse_mem_size(s: &str) -> Result<MemSize, String> {
     use vmm_takeover_guest::kvm_dummy::{MAX_MEM_SIZE, MIN_MEM_SIZE, PAGE_SIZE};
     let n = parse_size(s)?;
     if n < MIN_MEM_SIZE as u64 || n > MAX_MEM_SIZE as u64 || n % PAGE_SIZE as u64 != 0 {
@@ -578,17 +586,17 @@ fn parse_mem_size(s: &str) -> Result<usize, String> {
             "guest memory must be 128KiB..=4GiB and a multiple of 4KiB, got {s:?}"
         ));
     }
-    Ok(n as usize)
+    Ok(MemSize(n as usize))
 }
 
 /// `SIZE/s` (or a bare `SIZE`, per second).
-fn parse_rate(s: &str) -> Result<u64, String> {
+fn parse_rate(s: &str) -> Result<DirtyRate, String> {
     let size = s.strip_suffix("/s").unwrap_or(s);
     let n = parse_size(size)?;
     if n > 1 << 40 {
         return Err(format!("a dirty rate must be at most 1TiB/s, got {s:?}"));
     }
-    Ok(n)
+    Ok(DirtyRate(n))
 }
 
 #[cfg(test)]
@@ -597,9 +605,9 @@ mod tests {
 
     #[test]
     fn sizes_rates_and_checkpoint_intervals_parse_or_say_what_is_allowed() {
-        assert_eq!(parse_mem_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_mem_size("128K").unwrap(), 128 << 10);
-        assert_eq!(parse_mem_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_mem_size("64MiB").unwrap(), MemSize(64 << 20));
+        assert_eq!(parse_mem_size("128K").unwrap(), MemSize(128 << 10));
+        assert_eq!(parse_mem_size("4G").unwrap(), MemSize(4 << 30));
         for bad in ["64KiB", "5G", "131073", "12 parsecs", "", "MiB"] {
             let e = parse_mem_size(bad).unwrap_err();
             assert!(e.contains(bad) || e.contains("size like"), "{bad}: {e}");
@@ -607,8 +615,8 @@ mod tests {
         assert!(parse_mem_size("1T")
             .unwrap_err()
             .contains("allowed: B, K/KiB"));
-        assert_eq!(parse_rate("10MiB/s").unwrap(), 10 << 20);
-        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("10MiB/s").unwrap(), DirtyRate(10 << 20));
+        assert_eq!(parse_rate("0").unwrap(), DirtyRate(0));
         assert!(parse_rate("2048G/s").is_err());
         assert_eq!(parse_checkpoint("25ms").unwrap(), Duration::from_millis(25));
         assert!(parse_checkpoint("11s").unwrap_err().contains("1ms..=10s"));

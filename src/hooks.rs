@@ -19,8 +19,8 @@ pub fn local_guest(
     match kind {
         None => Ok(None),
         Some("kvm-dummy") => StandbyGuest::kvm_with(DummyVmConfig {
-            mem_size: shape.guest_mem,
-            dirty_rate: shape.guest_dirty_rate,
+            mem_size: shape.guest_mem.0,
+            dirty_rate: shape.guest_dirty_rate.0,
             dirty_log,
         })
         .map(Some)

@@ -127,6 +127,7 @@ fn sink() -> EventSink {
             json!({"seq": seq, "pages": pages, "why": why}),
         ),
         ReplicaEvent::Lost { why } => emit("replica-lost", json!({"why": why})),
+        ReplicaEvent::Failed { why } => emit("replica-failed", json!({"why": why})),
         ReplicaEvent::FaultInjected { seq } => emit("fault-injected", json!({"seq": seq})),
     })
 }

@@ -197,9 +197,17 @@ fn run(cfg: BackupReplicaConfig, vm: Arc<dyn Replicable>, shared: Arc<Shared>, e
                     peer: Some(cfg.connect),
                     link,
                 });
-                let why = receive(&mut s, &cfg, vm.as_ref(), &shared, &events);
-                warn!("replication stream ended: {why}");
-                events(&ReplicaEvent::Lost { why });
+                match receive(&mut s, &cfg, vm.as_ref(), &shared, &events) {
+                    End::Lost(why) => {
+                        warn!("replication stream ended: {why}");
+                        events(&ReplicaEvent::Lost { why });
+                    }
+                    End::Fatal(why) => {
+                        log::error!("replication stopped: {why}");
+                        events(&ReplicaEvent::Failed { why });
+                        return;
+                    }
+                }
             }
             Err(e) => {
                 // Reported once per distinct reason: a source that is down is dialled every
@@ -223,6 +231,14 @@ struct Staging {
     cp: Checkpoint,
 }
 
+/// How a stream ended.
+enum End {
+    /// Dial again.
+    Lost(String),
+    /// Never again: the source's guest cannot be held here.
+    Fatal(String),
+}
+
 /// Receives checkpoints until the stream fails, the link changes, or a takeover froze us.
 fn receive(
     s: &mut Stream,
@@ -230,7 +246,7 @@ fn receive(
     vm: &dyn Replicable,
     shared: &Shared,
     events: &EventSink,
-) -> String {
+) -> End {
     let link = s.link();
     // Bulk copy plus the pages dirtied meanwhile: a full checkpoint may carry a page twice.
     let max_pages = 2 * vm.page_count() as usize;
@@ -255,15 +271,29 @@ fn receive(
                     staging.take(),
                     &format!("the stream ended before its COMMIT ({why})"),
                 );
-                return why;
+                return End::Lost(why);
             }
         };
-        let fail = |why: String, staging: &mut Option<Staging>| {
+        let fail = |why: String, staging: &mut Option<Staging>| -> End {
             discard(staging.take(), &why);
-            why
+            End::Lost(why)
         };
         match m {
-            Message::Begin { seq, reset } => {
+            Message::Begin {
+                seq,
+                reset,
+                guest_pages,
+            } => {
+                if guest_pages != vm.page_count() {
+                    let mib = |p: u32| u64::from(p) * crate::PAGE_SIZE as u64 >> 20;
+                    return End::Fatal(format!(
+                        "the source's guest has {guest_pages} pages ({} MiB), this standby {} \
+                         ({} MiB): give both the same --guest-mem",
+                        mib(guest_pages),
+                        vm.page_count(),
+                        mib(vm.page_count())
+                    ));
+                }
                 if staging.is_some() || seq != expect || reset != (seq == 1) {
                     return fail(
                         format!("BEGIN {seq} (reset {reset}) out of order: expected {expect}"),
@@ -322,7 +352,7 @@ fn receive(
                 {
                     let mut g = shared.lock();
                     if g.frozen {
-                        return "the standby took over: nothing more is applied".into();
+                        return End::Lost("the standby took over: nothing more is applied".into());
                     }
                     if g.link != Some(link) {
                         return fail(format!("link {link} is no longer armed"), &mut Some(st));
@@ -334,7 +364,7 @@ fn receive(
                     g.applied = Some(Applied { link, seq, mark });
                 }
                 if let Err(e) = s.send(&Message::Ack { seq }) {
-                    return e.to_string();
+                    return End::Lost(e.to_string());
                 }
                 if seq == 1 || seq % cfg.report_every.max(1) == 0 {
                     events(&ReplicaEvent::Applied {

@@ -186,6 +186,12 @@ pub enum ReplicaEvent {
         /// Why.
         why: String,
     },
+    /// Backup: replication cannot work with this source (its guest has another size); the
+    /// thread stops for good and a takeover will start nothing.
+    Failed {
+        /// Why, naming what must match.
+        why: String,
+    },
     /// The stream ended.
     Lost {
         /// Why.

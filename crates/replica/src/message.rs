@@ -5,7 +5,8 @@
 //! Each message is the body of one sealed data frame (see [`crate::stream`]).
 //!
 //! ```text
-//! BEGIN   1 | seq u64 | reset u8                       reset: zero all guest memory first
+//! BEGIN   1 | seq u64 | reset u8 | guest u32           reset: zero all guest memory first;
+//!                                                     guest: the source's guest size in pages
 //! PAGES   2 | n u16 | n × index u32 | n × 4096 bytes    n ≤ MAX_PAGES_PER_MESSAGE
 //! COMMIT  3 | seq u64 | mark u64 | pages u32 | state_len u32 | state
 //! ACK     4 | seq u64
@@ -38,6 +39,8 @@ pub enum Message {
         seq: u64,
         /// Zero all guest memory before applying (the first checkpoint of a stream: full).
         reset: bool,
+        /// The source's guest memory in pages: a standby of another size cannot hold it.
+        guest_pages: u32,
     },
     /// Guest pages of the checkpoint under way.
     Pages {
@@ -89,10 +92,15 @@ impl Message {
     /// them, so that is a bug there.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Message::Begin { seq, reset } => {
+            Message::Begin {
+                seq,
+                reset,
+                guest_pages,
+            } => {
                 out.push(BEGIN);
                 out.extend_from_slice(&seq.to_be_bytes());
                 out.push(u8::from(*reset));
+                out.extend_from_slice(&guest_pages.to_be_bytes());
             }
             Message::Pages { index, data } => {
                 assert!(
@@ -141,7 +149,12 @@ impl Message {
                     [b] => return Err(bad(format!("BEGIN reset is {b}, expected 0 or 1"))),
                     _ => unreachable!("take returned one byte"),
                 };
-                Message::Begin { seq, reset }
+                let guest_pages = take_u32(&mut rest, "BEGIN guest pages")?;
+                Message::Begin {
+                    seq,
+                    reset,
+                    guest_pages,
+                }
             }
             PAGES => {
                 let n = usize::from(u16::from_be_bytes(
@@ -228,10 +241,12 @@ mod tests {
             Message::Begin {
                 seq: 1,
                 reset: true,
+                guest_pages: 256,
             },
             Message::Begin {
                 seq: u64::MAX,
                 reset: false,
+                guest_pages: 0,
             },
             Message::Pages {
                 index: vec![],
@@ -290,7 +305,7 @@ mod tests {
         b.extend_from_slice(&(MAX_STATE as u32 + 1).to_be_bytes());
         let e = Message::decode(&b).unwrap_err();
         assert!(e.to_string().contains("at most"), "{e}");
-        let e = Message::decode(&[BEGIN, 0, 0, 0, 0, 0, 0, 0, 1, 2]).unwrap_err();
+        let e = Message::decode(&[BEGIN, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0]).unwrap_err();
         assert!(e.to_string().contains("expected 0 or 1"), "{e}");
     }
 }

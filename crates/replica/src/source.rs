@@ -272,7 +272,12 @@ fn replicate(
             // Full: a live bulk copy of every non-zero page, then the pages written meanwhile
             // come with the first capture. Applied only as a whole, at its COMMIT.
             vm.begin_tracking()?;
-            s.send(&Message::Begin { seq, reset: true }).map_err(err)?;
+            s.send(&Message::Begin {
+                seq,
+                reset: true,
+                guest_pages: vm.page_count(),
+            })
+            .map_err(err)?;
             let mut index = Vec::with_capacity(MAX_PAGES_PER_MESSAGE);
             let mut data = Vec::with_capacity(MAX_PAGES_PER_MESSAGE * PAGE_SIZE);
             let mut page = [0u8; PAGE_SIZE];
@@ -303,7 +308,12 @@ fn replicate(
             Err(CaptureError::Failed(e)) => return Err(format!("capture failed: {e}")),
         };
         if !full {
-            s.send(&Message::Begin { seq, reset: false }).map_err(err)?;
+            s.send(&Message::Begin {
+                seq,
+                reset: false,
+                guest_pages: vm.page_count(),
+            })
+            .map_err(err)?;
         }
         if fault.is_some_and(|f| f.stall_at == seq) {
             *fault = None;
