@@ -433,6 +433,13 @@ impl Promotion<'_> {
             }
             _ => None,
         };
+        // A replicated guest is paused by a final checkpoint before a handoff.
+        let pause = match (&replica, &self.guest) {
+            (Some(r), Some(g)) => {
+                crate::replica::ReplicatedPause::boxed(g.clone(), r.clone(), a.hook_timeout / 2)
+            }
+            _ => pause,
+        };
         let exit = Exit::default();
         let mut listener = SourceListener::new(
             cfg,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use vmm_takeover_core::auth::Credentials;
+use vmm_takeover_core::{HookError, VmPause};
 use vmm_takeover_guest::{DummyVm, StandbyGuest};
 use vmm_takeover_replica::{
     BackupReplicaConfig, EventSink, Fault, ReplicaBackup, ReplicaEvent, ReplicaSource,
@@ -89,6 +90,65 @@ pub fn start_backup(
         .map_err(|e| Failure::runtime(format!("cannot start the replication thread: {e}")))
 }
 
+/// The pause hook of a replicated guest: before a handoff, a final checkpoint that leaves the
+/// guest paused, acknowledged by the backup, so that the backup resumes exactly where the guest
+/// stopped; without one (no synced backup, timeout) a plain pause, and the backup resumes from
+/// its last checkpoint (progress lost, never released output).
+pub struct ReplicatedPause {
+    guest: StandbyGuest,
+    replica: ReplicaSource,
+    timeout: Duration,
+}
+
+impl ReplicatedPause {
+    /// For `guest`, replicated by `replica`; the final checkpoint is bounded by `timeout`.
+    pub fn boxed(
+        guest: StandbyGuest,
+        replica: ReplicaSource,
+        timeout: Duration,
+    ) -> Box<dyn VmPause> {
+        Box::new(ReplicatedPause {
+            guest,
+            replica,
+            timeout,
+        })
+    }
+}
+
+impl VmPause for ReplicatedPause {
+    fn vm_pause(&mut self) -> Result<(), HookError> {
+        match self.replica.final_checkpoint(self.timeout) {
+            Ok(seq) => {
+                log::info!("final checkpoint {seq} acknowledged: the guest is paused in it");
+                // Already paused by the checkpoint; this only confirms it.
+                self.guest.vm_pause()
+            }
+            Err(why) => {
+                log::warn!(
+                    "no final checkpoint ({why}): pausing; the backup resumes from its last one"
+                );
+                self.guest.vm_pause()
+            }
+        }
+    }
+
+    fn vm_resume(&mut self) -> Result<(), HookError> {
+        self.guest.vm_resume()
+    }
+
+    fn vm_fence(&mut self) -> Result<(), HookError> {
+        // The lease ran out: stop now, no checkpoint first.
+        self.guest.vm_fence()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (final checkpoint, then pause)",
+            VmPause::describe(&self.guest)
+        )
+    }
+}
+
 /// The replication threads' reports as events.
 fn sink() -> EventSink {
     Arc::new(|e: &ReplicaEvent| match e {
@@ -103,6 +163,7 @@ fn sink() -> EventSink {
         ReplicaEvent::Acked {
             seq,
             full,
+            last,
             pages,
             bytes,
             pause,
@@ -110,7 +171,7 @@ fn sink() -> EventSink {
             rtt,
         } => emit(
             "checkpoint",
-            json!({"seq": seq, "full": full, "pages": pages, "bytes": bytes,
+            json!({"seq": seq, "full": full, "last": last, "pages": pages, "bytes": bytes,
                    "pause_us": us(*pause), "released": mark, "rtt_us": us(*rtt)}),
         ),
         ReplicaEvent::Applied {

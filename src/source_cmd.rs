@@ -84,9 +84,24 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     let arbiter_url = session.as_ref().map(|s| s.describe().to_string());
     let mut listener = SourceListener::new(
         cfg,
-        observer(exit.clone(), guest.clone(), holder, arbiter_url, replica),
+        observer(
+            exit.clone(),
+            guest.clone(),
+            holder,
+            arbiter_url,
+            replica.clone(),
+        ),
     )
     .map_err(Failure::core)?;
+    // A replicated guest is paused by a final checkpoint before a handoff.
+    let pause = match (&replica, &guest) {
+        (Some(r), Some(g)) => Some(crate::replica::ReplicatedPause::boxed(
+            g.clone(),
+            r.clone(),
+            a.hook_timeout / 2,
+        )),
+        _ => pause,
+    };
     let pause_name = pause.as_ref().map(|p| p.describe());
     if let Some(p) = pause {
         listener.set_pause_hook(p);

@@ -442,3 +442,54 @@ fn two_backups_planned_handoff_exactly_one_takes_over() {
     }
     assert_eq!(took_over.len(), 1, "took over: {took_over:?}");
 }
+
+/// A pause hook slower than the backup's heartbeat deadline (300 ms against 3 × 10 ms): the
+/// loop keeps sending heartbeats while the hook runs, so the backup waits for HANDOFF instead of
+/// taking over for want of heartbeats (which, with the pause then failing for lack of a backup,
+/// would resume the source beside the backup's copy).
+#[test]
+fn a_slow_pause_keeps_the_heartbeat_and_the_backup_waits_for_handoff() {
+    let (mut source, addr) = start_source(
+        "source",
+        "vm-slowpause",
+        &["--heartbeat", "10ms", "--on-handoff", "sleep 0.3"],
+    );
+    let mut backup = start_backup(
+        "backup",
+        addr,
+        "vm-slowpause",
+        &["--heartbeat-misses", "3", "--on-takeover", "true"],
+    );
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    source.signal(libc::SIGUSR1);
+    source.wait_event("handoff-complete", EVENT_TIMEOUT);
+    let t = backup.wait_event("takeover", EVENT_TIMEOUT);
+    assert_eq!(t["reason"], "handoff", "{t}");
+    assert_eq!(backup.wait_exit(EVENT_TIMEOUT).code(), Some(0));
+    assert_eq!(source.wait_exit(EVENT_TIMEOUT).code(), Some(0));
+}
+
+/// A pause hook that fails: the source serves on, and its backup keeps getting heartbeats (the
+/// heartbeat timer survives the failed handoff), so it stays armed and never takes over.
+#[test]
+fn after_a_failed_pause_the_backup_still_gets_heartbeats() {
+    let (mut source, addr) = start_source(
+        "source",
+        "vm-pausefail",
+        &["--heartbeat", "10ms", "--on-handoff", "exit 1"],
+    );
+    let backup = start_backup("backup", addr, "vm-pausefail", &["--heartbeat-misses", "3"]);
+    backup.wait_event("armed", EVENT_TIMEOUT);
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
+    source.signal(libc::SIGUSR1);
+    let failed = source.wait_event("handoff-failed", EVENT_TIMEOUT);
+    assert_eq!(failed["stage"], "pause", "{failed}");
+    // Asserting an absence needs a wait: 50 heartbeat intervals, 17 deadlines.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(backup.count("link-lost"), 0, "{:?}", backup.event_names());
+    assert_eq!(backup.count("takeover"), 0, "{:?}", backup.event_names());
+    source.signal(libc::SIGTERM);
+    backup.wait_event("stand-down", EVENT_TIMEOUT);
+    assert_eq!(source.wait_exit(EVENT_TIMEOUT).code(), Some(0));
+}

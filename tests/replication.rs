@@ -38,21 +38,24 @@ const GUEST: [&str; 6] = [
 ];
 
 /// A replicating source; returns it, its heartbeat address and its replication address.
-fn source(name: &str, pair: &str, opts: SpawnOpts) -> (Proc, String, String) {
+fn source(name: &str, pair: &str, opts: SpawnOpts, extra: &[&str]) -> (Proc, String, String) {
     let mut args = vec![
         "source",
         "--listen",
         "127.0.0.1:0",
         "--pair-id",
         pair,
+        // Detection is not what these tests measure (a kill is an EOF): a deadline of 200 ms
+        // keeps a loaded machine from taking over early.
         "--heartbeat",
-        "10ms",
+        "20ms",
         "--checkpoint",
         "25ms",
         "--replica-listen",
         "127.0.0.1:0",
     ];
     args.extend_from_slice(&GUEST);
+    args.extend_from_slice(extra);
     let p = Proc::spawn_opts(name, &args, opts);
     let replica = p.wait_event("replica-listening", EVENT_TIMEOUT)["addr"]
         .as_str()
@@ -72,7 +75,7 @@ fn backup(name: &str, addr: &str, replica: &str, pair: &str, extra: &[&str]) -> 
     } else {
         GUEST.to_vec()
     };
-    args.extend_from_slice(&["--replica-from", replica, "--heartbeat-misses", "3"]);
+    args.extend_from_slice(&["--replica-from", replica, "--heartbeat-misses", "10"]);
     args.extend_from_slice(extra);
     start_backup(name, addr, pair, &args)
 }
@@ -140,7 +143,9 @@ fn after_sigkill_the_backup_continues_the_guest_without_taking_back_output() {
         return;
     }
     let pair = "repl-kill";
-    let (src, addr, replica) = source("source", pair, SpawnOpts::new());
+    let dir = TempDir::new("repl-kill");
+    let control = dir.path("source.sock").display().to_string();
+    let (src, addr, replica) = source("source", pair, SpawnOpts::new(), &["--control", &control]);
     // Output is held until a backup holds it: nothing is released without one.
     let first = src.wait_event("guest", EVENT_TIMEOUT);
     assert_eq!(first["output_commit"], true, "{first}");
@@ -160,6 +165,18 @@ fn after_sigkill_the_backup_continues_the_guest_without_taking_back_output() {
     );
     wait_acked(&src, 10);
     wait_output(&src);
+    // `status` shows the replica: up, acknowledged, and what is released.
+    let out = Command::new(bin())
+        .args(["status", "--control", &control])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &st["replica"];
+    assert_eq!(r["connected"], true, "{st}");
+    assert!(r["checkpoints"].as_u64().unwrap() >= 10, "{st}");
+    assert!(r["last_pause_us"].as_u64().is_some(), "{st}");
+    assert!(r["mark"].as_u64().unwrap() > 0, "{st}");
 
     src.signal(libc::SIGKILL);
     let started = seen(&b, "vm-started");
@@ -215,7 +232,7 @@ fn a_checkpoint_cut_by_the_kill_is_never_applied() {
     }
     let pair = "repl-cut";
     let opts = SpawnOpts::new().env("VMM_TAKEOVER_FAULT", "checkpoint-stall:6");
-    let (src, addr, replica) = source("source", pair, opts);
+    let (src, addr, replica) = source("source", pair, opts, &[]);
     let b = backup("backup", &addr, &replica, pair, &[]);
     let fault = src.wait_event("fault-injected", EVENT_TIMEOUT);
     assert_eq!(fault["seq"], 6, "{fault}");
@@ -246,7 +263,7 @@ fn a_backup_without_a_checkpoint_of_the_lost_link_starts_nothing() {
         return;
     }
     let pair = "repl-none";
-    let (src, addr, _replica) = source("source", pair, SpawnOpts::new());
+    let (src, addr, _replica) = source("source", pair, SpawnOpts::new(), &[]);
     // Its replication goes to a port where nothing listens: it never holds a checkpoint.
     let nowhere = format!("127.0.0.1:{}", free_port());
     let mut b = backup("backup", &addr, &nowhere, pair, &[]);
@@ -280,7 +297,7 @@ fn a_standby_of_another_size_says_so_and_never_takes_over_from_it() {
         return;
     }
     let pair = "repl-size";
-    let (src, addr, replica) = source("source", pair, SpawnOpts::new());
+    let (src, addr, replica) = source("source", pair, SpawnOpts::new(), &[]);
     let mut b = backup("backup", &addr, &replica, pair, &["--guest-mem", "4MiB"]);
     let failed = seen(&b, "replica-failed");
     let why = failed["why"].as_str().unwrap();
@@ -300,7 +317,7 @@ fn the_guest_state_survives_two_failovers_through_re_protection() {
         return;
     }
     let pair = "repl-chain";
-    let (a, addr_a, replica_a) = source("a", pair, SpawnOpts::new());
+    let (a, addr_a, replica_a) = source("a", pair, SpawnOpts::new(), &[]);
     let b = backup(
         "b",
         &addr_a,
@@ -409,4 +426,50 @@ fn replication_flags_are_checked_at_start() {
         String::from_utf8_lossy(&out.stderr).contains("--replica-from needs --vm kvm-dummy"),
         "{out:?}"
     );
+}
+
+#[test]
+fn a_planned_handoff_resumes_exactly_where_the_guest_stopped() {
+    if !kvm() {
+        return;
+    }
+    let pair = "repl-handoff";
+    let (mut src, addr, replica) = source("source", pair, SpawnOpts::new(), &[]);
+    let b = backup("backup", &addr, &replica, pair, &[]);
+    seen(&b, "checkpoint-applied");
+    wait_acked(&src, 5);
+    src.signal(libc::SIGUSR1);
+    seen(&src, "handoff-complete");
+    assert!(src.wait_exit(EVENT_TIMEOUT).success());
+    // The last checkpoint was taken with the guest paused right after it, and acknowledged
+    // before HANDOFF left: the backup resumes from exactly there, no progress lost.
+    let last = acked(&src).pop().unwrap();
+    assert_eq!(last["last"], true, "{last}");
+    let started = seen(&b, "vm-started");
+    assert_eq!(started["checkpoint_seq"], last["seq"], "{started} {last}");
+    assert_eq!(
+        started["checkpoint_mark"], last["released"],
+        "{started} {last}"
+    );
+    // What the source showed while paused for the handoff is that same position.
+    let paused_at = src
+        .all_events()
+        .iter()
+        .skip_while(|e| e["event"] != "handoff-paused")
+        .chain(
+            src.all_events()
+                .iter()
+                .filter(|e| e["event"] == "guest")
+                .last(),
+        )
+        .find(|e| e["event"] == "guest")
+        .cloned();
+    if let Some(g) = paused_at {
+        assert!(
+            g["counter"].as_u64().unwrap() <= last["released"].as_u64().unwrap(),
+            "{g}"
+        );
+    }
+    let takeover = seen(&b, "takeover");
+    assert_eq!(takeover["reason"], "handoff", "{takeover}");
 }

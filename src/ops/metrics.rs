@@ -213,6 +213,46 @@ pub fn registry(o: &Ops) -> Registry {
             ConstGauge::new(i64::from(o.guest_running.load(Relaxed))),
         );
     }
+    if o.replica.seen.load(Relaxed) {
+        let rp = &o.replica;
+        r.register(
+            "replica_connected",
+            "1 while the replication stream is up",
+            ConstGauge::new(i64::from(rp.connected.load(Relaxed))),
+        );
+        r.register(
+            "checkpoints_discarded",
+            "Checkpoints dropped whole because they never completed (never applied)",
+            counter(rp.discarded.load(Relaxed)),
+        );
+        if o.role() == "source" {
+            r.register(
+                "checkpoints",
+                "Checkpoints the backup acknowledged",
+                counter(rp.checkpoints.load(Relaxed)),
+            );
+            r.register(
+                "checkpoint_bytes",
+                "Bytes of acknowledged checkpoints on the wire",
+                counter(rp.bytes.load(Relaxed)),
+            );
+            if let Some(p) = rp.last_pause_us.get() {
+                r.register(
+                    "checkpoint_pause_seconds",
+                    "How long the last checkpoint held the guest's vCPU",
+                    ConstGauge::new(p as f64 / 1e6),
+                );
+            }
+        }
+        if let Some(m) = rp.mark.get() {
+            r.register(
+                "replica_mark",
+                "Source: the guest output released (covered by an acknowledged checkpoint); \
+                 backup: the output position a takeover resumes from",
+                ConstGauge::new(m as i64),
+            );
+        }
+    }
     r.register(
         "events_dropped",
         "Event lines dropped because stdout was not read",

@@ -186,6 +186,30 @@ pub struct Ops {
     /// The arbiter session, with `--arbiter`.
     pub session: OnceLock<ArbiterSession>,
     ready_sent: AtomicBool,
+    /// Replication, once a stream was ever set up (see [`Replica`]).
+    pub replica: Replica,
+}
+
+/// Replication as `status` and the metrics show it, from the replica events (a backup reports
+/// its first and then every 10th applied checkpoint).
+#[derive(Default, Debug)]
+pub struct Replica {
+    /// A stream was ever set up (or listened for): the rest means something.
+    pub seen: AtomicBool,
+    /// A stream is up.
+    pub connected: AtomicBool,
+    /// Source: checkpoints the backup acknowledged.
+    pub checkpoints: AtomicU64,
+    /// Source: bytes of acknowledged checkpoints.
+    pub bytes: AtomicU64,
+    /// Source: the last acknowledged checkpoint (backup: the last reported applied one).
+    pub last_seq: Maybe,
+    /// Source: how long the last checkpoint held the guest, µs.
+    pub last_pause_us: Maybe,
+    /// Source: the output released (backup: the last reported applied checkpoint's mark).
+    pub mark: Maybe,
+    /// Checkpoints dropped whole because they never completed.
+    pub discarded: AtomicU64,
 }
 
 static OPS: OnceLock<Ops> = OnceLock::new();
@@ -214,6 +238,7 @@ pub fn init(role: &'static str, pair_id: &str) {
         promoted_at_unix_us: Maybe::default(),
         session: OnceLock::new(),
         ready_sent: AtomicBool::new(false),
+        replica: Replica::default(),
     });
 }
 
@@ -344,6 +369,19 @@ impl Ops {
             })),
             "events_dropped": self.events_dropped.load(Relaxed),
             "promoted_at_unix_us": self.promoted_at_unix_us.get(),
+            "replica": self.replica.seen.load(Relaxed).then(|| {
+                let r = &self.replica;
+                json!({
+                    "connected": r.connected.load(Relaxed),
+                    "last_seq": r.last_seq.get(),
+                    // Source: the output released; backup: what a takeover resumes from.
+                    "mark": r.mark.get(),
+                    "checkpoints": source.then(|| r.checkpoints.load(Relaxed)),
+                    "bytes": source.then(|| r.bytes.load(Relaxed)),
+                    "last_pause_us": r.last_pause_us.get().filter(|_| source),
+                    "discarded": r.discarded.load(Relaxed),
+                })
+            }),
         })
     }
 
@@ -490,6 +528,34 @@ pub fn observe(name: &str, f: &Value) {
         }
         "stand-down" => o.set_state(Done),
         "stopped" if o.state() != Running => o.set_state(Done),
+        // Replication (both).
+        "replica-listening" => o.replica.seen.store(true, Relaxed),
+        "replica-connected" => {
+            o.replica.seen.store(true, Relaxed);
+            o.replica.connected.store(true, Relaxed);
+        }
+        "replica-lost" | "replica-failed" => o.replica.connected.store(false, Relaxed),
+        "checkpoint" => {
+            let r = &o.replica;
+            r.checkpoints.fetch_add(1, Relaxed);
+            r.bytes.fetch_add(u("bytes").unwrap_or(0), Relaxed);
+            if let (Some(seq), Some(mark)) = (u("seq"), u("released")) {
+                r.last_seq.set(seq);
+                r.mark.set(mark);
+            }
+            if let Some(p) = u("pause_us") {
+                r.last_pause_us.set(p);
+            }
+        }
+        "checkpoint-applied" => {
+            if let (Some(seq), Some(mark)) = (u("seq"), u("mark")) {
+                o.replica.last_seq.set(seq);
+                o.replica.mark.set(mark);
+            }
+        }
+        "checkpoint-discarded" => {
+            o.replica.discarded.fetch_add(1, Relaxed);
+        }
         // Both.
         "guest" => {
             if let Some(k) = f.get("kind").and_then(Value::as_str) {

@@ -257,6 +257,14 @@ impl Gate {
         self.apply_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The worker pauses itself (as `pause` would, without waiting): it parks at its next
+    /// `wait_runnable`.
+    pub(crate) fn park_self(&self) {
+        let mut st = self.lock();
+        st.want_run = false;
+        self.cv.notify_all();
+    }
+
     /// Marks the worker as failed; it must return right after.
     pub(crate) fn fail(&self, why: String) {
         let mut st = self.lock();

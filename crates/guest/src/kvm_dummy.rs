@@ -476,7 +476,8 @@ fn is_zero(page: &[u8]) -> bool {
 /// What the vCPU thread is asked to do between two guest entries.
 #[derive(Debug, Clone, Copy)]
 enum Job {
-    Capture { all: bool },
+    /// `park`: the guest stays paused after the capture (a final checkpoint before a handoff).
+    Capture { all: bool, park: bool },
 }
 
 #[derive(Default)]
@@ -625,25 +626,36 @@ fn load_restore(ctx: &mut VcpuContext, counter: &mut WideCounter) -> Result<(), 
 
 /// Takes the posted job (if the caller has not withdrawn it), runs it, posts the result.
 #[cold]
-fn run_job(ctx: &mut VcpuContext, gate: &Gate) {
+/// Runs the posted job; `true` if the guest must not be entered now (it parked itself).
+fn run_job(ctx: &mut VcpuContext, gate: &Gate) -> bool {
     let jobs = &ctx.shared.jobs;
     let job = {
         let mut slot = relock(&jobs.slot);
         jobs.pending.store(false, Ordering::Release);
         let Some(job) = slot.request.take() else {
-            return;
+            return false;
         };
         slot.running = true;
         job
     };
-    let result = match job {
-        Job::Capture { all } => capture_now(ctx, gate, all),
+    let (result, parked) = match job {
+        Job::Capture { all, park } => {
+            let r = capture_now(ctx, gate, all);
+            // Paused before the caller hears of the capture: the state it holds is the state
+            // the guest stays in.
+            let parked = park && r.is_ok();
+            if parked {
+                gate.park_self();
+            }
+            (r, parked)
+        }
     };
     let jobs = &ctx.shared.jobs;
     let mut slot = relock(&jobs.slot);
     slot.running = false;
     slot.result = Some(result);
     jobs.done.notify_all();
+    parked
 }
 
 /// The capture itself, on the vCPU thread between two entries.
@@ -722,8 +734,8 @@ fn vcpu_loop(mut ctx: VcpuContext, gate: Arc<Gate>) {
             first_entry = false;
         }
         // One load per entry; the lock only when a job is posted.
-        if ctx.shared.jobs.pending.load(Ordering::Acquire) {
-            run_job(&mut ctx, &gate);
+        if ctx.shared.jobs.pending.load(Ordering::Acquire) && run_job(&mut ctx, &gate) {
+            continue;
         }
         let outcome = match ctx.vcpu.run() {
             Ok(VcpuExit::IoOut(COUNTER_PORT, data)) if data.len() == 4 => {
@@ -972,6 +984,23 @@ impl DummyVm {
     /// guest); the job is then withdrawn, so it never runs late. Once picked up, it is waited for
     /// to the end (the vCPU thread copies memory: bounded, and the guest does not run meanwhile).
     pub fn capture(&self, all: bool, timeout: Duration) -> Result<Capture, KvmDummyError> {
+        self.capture_job(Job::Capture { all, park: false }, timeout)
+    }
+
+    /// Like [`DummyVm::capture`] (dirty pages only), and the guest stays paused right after it,
+    /// not one instruction later: the capture is exactly the state it is left in (a final
+    /// checkpoint before a handoff). [`GuestControl::start`] resumes it.
+    pub fn capture_and_pause(&self, timeout: Duration) -> Result<Capture, KvmDummyError> {
+        self.capture_job(
+            Job::Capture {
+                all: false,
+                park: true,
+            },
+            timeout,
+        )
+    }
+
+    fn capture_job(&self, job: Job, timeout: Duration) -> Result<Capture, KvmDummyError> {
         if !self.1.config.dirty_log {
             return Err(KvmDummyError::NoDirtyLog);
         }
@@ -980,7 +1009,7 @@ impl DummyVm {
         let deadline = Instant::now() + timeout;
         let mut slot = relock(&jobs.slot);
         slot.result = None;
-        slot.request = Some(Job::Capture { all });
+        slot.request = Some(job);
         jobs.pending.store(true, Ordering::Release);
         loop {
             if let Some(result) = slot.result.take() {

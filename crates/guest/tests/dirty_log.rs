@@ -290,3 +290,27 @@ fn capture_pause_of_a_64_mib_guest() {
     assert!(pauses.iter().all(|&(n, _)| n > 0));
     assert!(!matches!(vm.pause(), Err(GuestStateError::PauseTimeout(_))));
 }
+
+#[test]
+fn capture_and_pause_leaves_the_guest_exactly_in_the_captured_state() {
+    let Some(vm) = vm_or_skip(dirtying(1 << 20, 8 << 20)) else {
+        return;
+    };
+    vm.start().unwrap();
+    assert!(vm.wait_for_counter(1000, EVENT_BOUND));
+    let c = vm.capture_and_pause(EVENT_BOUND).unwrap();
+    assert!(!vm.is_running());
+    // Not one more guest exit after the capture: the state captured is the state left.
+    let exits = vm.exits();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.counter(), c.counter);
+    assert_eq!(vm.exits(), exits);
+    // A paused guest is not captured again (nothing would run the job): it times out.
+    assert!(matches!(
+        vm.capture(false, Duration::from_millis(50)),
+        Err(KvmDummyError::NotRunning(_))
+    ));
+    // Resumed, it carries on from there.
+    assert!(vm.start().unwrap());
+    assert!(vm.wait_for_counter(c.counter + 1000, EVENT_BOUND));
+}

@@ -89,6 +89,10 @@ pub trait Replicable: Send + Sync + 'static {
     /// Holds the vCPUs between two guest entries and takes the dirty pages, the state and the
     /// output mark; the guest runs again when it returns. Bounded by `timeout`.
     fn capture(&self, timeout: Duration) -> Result<Capture, CaptureError>;
+    /// Like [`Replicable::capture`], and the vCPUs stay paused right after it (the last
+    /// checkpoint before a planned handoff): the state captured is the state the guest is left
+    /// in. Resuming it is the VMM's own (its pause hook's) business.
+    fn capture_and_pause(&self, timeout: Duration) -> Result<Capture, CaptureError>;
     /// Applies a whole checkpoint to the paused, never-started guest.
     fn apply(&self, checkpoint: &Checkpoint) -> Result<(), String>;
 }
@@ -107,17 +111,13 @@ impl Replicable for vmm_takeover_guest::DummyVm {
     }
 
     fn capture(&self, timeout: Duration) -> Result<Capture, CaptureError> {
-        match vmm_takeover_guest::DummyVm::capture(self, false, timeout) {
-            Ok(c) => Ok(Capture {
-                mark: c.counter,
-                pages: c.pages,
-                data: c.data,
-                state: c.vcpu.to_bytes(),
-                pause: c.pause,
-            }),
-            Err(vmm_takeover_guest::KvmDummyError::NotRunning(_)) => Err(CaptureError::NotRunning),
-            Err(e) => Err(CaptureError::Failed(e.to_string())),
-        }
+        dummy_capture(vmm_takeover_guest::DummyVm::capture(self, false, timeout))
+    }
+
+    fn capture_and_pause(&self, timeout: Duration) -> Result<Capture, CaptureError> {
+        dummy_capture(vmm_takeover_guest::DummyVm::capture_and_pause(
+            self, timeout,
+        ))
     }
 
     fn apply(&self, c: &Checkpoint) -> Result<(), String> {
@@ -125,6 +125,22 @@ impl Replicable for vmm_takeover_guest::DummyVm {
             vmm_takeover_guest::VcpuState::from_bytes(&c.state).map_err(|e| e.to_string())?;
         vmm_takeover_guest::DummyVm::apply(self, c.reset, &c.pages, &c.data, Some(&vcpu), c.mark)
             .map_err(|e| e.to_string())
+    }
+}
+
+fn dummy_capture(
+    r: Result<vmm_takeover_guest::Capture, vmm_takeover_guest::KvmDummyError>,
+) -> Result<Capture, CaptureError> {
+    match r {
+        Ok(c) => Ok(Capture {
+            mark: c.counter,
+            pages: c.pages,
+            data: c.data,
+            state: c.vcpu.to_bytes(),
+            pause: c.pause,
+        }),
+        Err(vmm_takeover_guest::KvmDummyError::NotRunning(_)) => Err(CaptureError::NotRunning),
+        Err(e) => Err(CaptureError::Failed(e.to_string())),
     }
 }
 
@@ -154,6 +170,8 @@ pub enum ReplicaEvent {
         seq: u64,
         /// Whether it was a full one (the first of a stream).
         full: bool,
+        /// Whether it was the last before a handoff (the guest stays paused after it).
+        last: bool,
         /// Pages it carried.
         pages: usize,
         /// Bytes on the wire.

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -68,6 +68,10 @@ struct Shared {
     /// The output position released: covered by a checkpoint the backup acknowledged.
     released: AtomicU64,
     stop: AtomicBool,
+    /// A stream is up and its backup acknowledged a checkpoint.
+    synced: AtomicBool,
+    /// A final checkpoint asked for ([`ReplicaSource::final_checkpoint`]), and where to answer.
+    final_req: Mutex<Option<mpsc::Sender<Result<u64, String>>>>,
 }
 
 /// The source's replication: a handle to its thread. Cheap to clone.
@@ -94,6 +98,8 @@ impl ReplicaSource {
             cv: Condvar::new(),
             released: AtomicU64::new(start_mark),
             stop: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            final_req: Mutex::new(None),
         });
         let sh = shared.clone();
         events(&ReplicaEvent::Listening { addr });
@@ -119,6 +125,39 @@ impl ReplicaSource {
     /// backup acknowledged. Output past it must be held (output commit).
     pub fn released(&self) -> u64 {
         self.shared.released.load(Ordering::Acquire)
+    }
+
+    /// Before a planned handoff: takes a last checkpoint that leaves the guest paused right
+    /// after it (not one instruction later) and waits until the backup acknowledged it, so that
+    /// the backup resumes exactly where the guest stopped. Bounded by `timeout`; an error (no
+    /// synced stream, guest not running, timeout) says why, and the caller pauses the guest
+    /// itself: the backup then resumes from its last checkpoint (output is safe either way).
+    pub fn final_checkpoint(&self, timeout: Duration) -> Result<u64, String> {
+        if !self.shared.synced.load(Ordering::SeqCst) {
+            return Err("no backup holds a replica yet".into());
+        }
+        let (tx, rx) = mpsc::channel();
+        *self
+            .shared
+            .final_req
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.shared.cv.notify_all();
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(_) => {
+                // Withdrawn, so that it never runs late (a request already taken runs on).
+                self.shared
+                    .final_req
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                Err(format!(
+                    "no final checkpoint acknowledged within {timeout:?} (the stream ended or \
+                     the backup is slow)"
+                ))
+            }
+        }
     }
 
     /// Stops the thread at its next step.
@@ -215,6 +254,7 @@ fn serve(
             Ok(()) => "stopped".to_string(),
             Err(e) => e,
         };
+        shared.synced.store(false, Ordering::SeqCst);
         warn!("replication stream ended: {why}");
         events(&ReplicaEvent::Lost { why });
     }
@@ -254,16 +294,30 @@ fn replicate(
         if shared.current() != Some(link) {
             return Err(format!("link {link} is no longer the armed backup's"));
         }
+        // A final checkpoint (before a handoff) goes at once; otherwise wait for the next tick,
+        // woken early by a final request or a change of link.
+        let final_tx = if seq > 1 {
+            shared
+                .final_req
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+        } else {
+            None
+        };
         let now = Instant::now();
-        if now < next {
-            std::thread::sleep(next - now);
+        if final_tx.is_none() && now < next {
+            let g = shared.link.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = shared.cv.wait_timeout(g, next - now);
             continue;
         }
-        next += cfg.interval;
-        if next < Instant::now() {
-            // A late checkpoint (slow network or backup): the next one is one interval away,
-            // not a burst to catch up.
-            next = Instant::now() + cfg.interval;
+        if final_tx.is_none() {
+            next += cfg.interval;
+            if next < Instant::now() {
+                // A late checkpoint (slow network or backup): the next one is one interval
+                // away, not a burst to catch up.
+                next = Instant::now() + cfg.interval;
+            }
         }
         let full = seq == 1;
         let sent_before = s.bytes_sent;
@@ -295,10 +349,19 @@ fn replicate(
             pages += send_pages(s, &index, &data).map_err(err)?;
         }
         let started = Instant::now();
-        let c = match vm.capture(cfg.interval.max(Duration::from_millis(100))) {
+        let bound = cfg.interval.max(Duration::from_millis(100));
+        let captured = if final_tx.is_some() {
+            vm.capture_and_pause(bound)
+        } else {
+            vm.capture(bound)
+        };
+        let c = match captured {
             Ok(c) => c,
             Err(CaptureError::NotRunning) if !full => {
                 debug!("replication: the guest is not running; checkpoint {seq} skipped");
+                if let Some(tx) = final_tx {
+                    let _ = tx.send(Err("the guest is not running: no final checkpoint".into()));
+                }
                 continue;
             }
             Err(CaptureError::NotRunning) => {
@@ -340,15 +403,20 @@ fn replicate(
         }
         // Output commit: only now may the world see the output this checkpoint covers.
         shared.released.fetch_max(c.mark, Ordering::AcqRel);
+        shared.synced.store(true, Ordering::SeqCst);
         events(&ReplicaEvent::Acked {
             seq,
             full,
+            last: final_tx.is_some(),
             pages,
             bytes: s.bytes_sent - sent_before,
             pause: c.pause,
             mark: c.mark,
             rtt: started.elapsed(),
         });
+        if let Some(tx) = final_tx {
+            let _ = tx.send(Ok(seq));
+        }
         seq += 1;
     }
 }

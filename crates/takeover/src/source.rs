@@ -1982,7 +1982,7 @@ impl SourceListener {
         if now < due {
             return;
         }
-        if self.state != State::Serving || self.joined == 0 {
+        if self.state.is_done() || self.joined == 0 {
             self.next_beat = None;
             let _ = self.heartbeat_timer.disarm();
             return;
@@ -1993,6 +1993,11 @@ impl SourceListener {
             next += every;
         }
         self.next_beat = Some(next);
+        // The timer stays armed through a handoff, so that backups still joined after a failed
+        // one get heartbeats again; while HANDOFF is out, nothing is sent.
+        if !self.state.beats() {
+            return;
+        }
         for idx in self.send_heartbeats() {
             // A beat the socket did not take whole waits in the outbox: watch EPOLLOUT for it.
             self.flush(ops, idx);

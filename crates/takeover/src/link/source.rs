@@ -51,6 +51,21 @@ impl State {
         )
     }
 
+    /// Whether joined backups get heartbeats: all the time the guest runs here or may run here
+    /// again, a handoff's pause included (however long the pause hook takes, the loop is alive
+    /// and the backups must not take over for want of heartbeats). Not once HANDOFF went out
+    /// (`AwaitingBackup`), nor when done.
+    pub fn beats(&self) -> bool {
+        matches!(
+            self,
+            State::Serving
+                | State::Pausing
+                | State::HandingOver
+                | State::Reclaiming
+                | State::Resuming
+        )
+    }
+
     /// Whether nothing more will happen.
     pub fn is_done(&self) -> bool {
         matches!(
