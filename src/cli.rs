@@ -398,8 +398,9 @@ pub struct BackupArgs {
     /// one that came whole over the link just lost. Without one, nothing is started (exit 10).
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub replica_from: Option<SocketAddr>,
-    /// With --then-listen and --replica-from: the promoted source replicates its guest to its
-    /// own backup every this often (as the source's --checkpoint).
+    /// With --then-listen (and --vm kvm-dummy): the promoted source replicates its guest to its
+    /// own backup every this often (as the source's --checkpoint); usually with --replica-from,
+    /// so that the guest it protects is the one it resumed.
     #[arg(long, value_name = "DURATION", value_parser = parse_checkpoint, requires_all = ["then_listen", "then_replica_listen"])]
     pub then_checkpoint: Option<Duration>,
     /// With --then-checkpoint: the promoted source's --replica-listen.

@@ -260,7 +260,8 @@ fn serve(
     }
 }
 
-/// Sends the pages of `c` in PAGES messages; returns how many.
+/// Sends `pages` (their bytes in `data`) in PAGES messages of at most
+/// [`MAX_PAGES_PER_MESSAGE`]; returns how many pages.
 fn send_pages(s: &mut Stream, pages: &[u32], data: &[u8]) -> Result<usize, StreamError> {
     for (idx, chunk) in pages
         .chunks(MAX_PAGES_PER_MESSAGE)

@@ -73,7 +73,7 @@ pub struct Stream {
     session: Session,
     link: LinkId,
     out: Vec<u8>,
-    /// Bytes sent and received in data frames (for benchmarks and events).
+    /// Bytes sent in data frames, tags and headers included (for benchmarks and events).
     pub bytes_sent: u64,
 }
 
