@@ -285,7 +285,7 @@ fn receive(
                 guest_pages,
             } => {
                 if guest_pages != vm.page_count() {
-                    let mib = |p: u32| u64::from(p) * crate::PAGE_SIZE as u64 >> 20;
+                    let mib = |p: u32| (u64::from(p) * crate::PAGE_SIZE as u64) >> 20;
                     return End::Fatal(format!(
                         "the source's guest has {guest_pages} pages ({} MiB), this standby {} \
                          ({} MiB): give both the same --guest-mem",
