@@ -364,6 +364,7 @@ fn run(p: Pair, interval: Duration, dur: Duration, phase: f64) -> Run {
             pause,
             rtt,
             mark,
+            ..
         } = e
         {
             captured.entry(mark).or_insert(at - rtt);
