@@ -124,6 +124,29 @@ vm = "kvm-dummy"
 then-listen = "127.0.0.1:7071"
 then-heartbeat = "20ms"
 "#,
+    r#"
+[source]
+listen = "127.0.0.1:7070"
+pair-id = "vm1"
+psk-file = "KEY"
+vm = "kvm-dummy"
+guest-mem = "64MiB"
+guest-dirty-rate = "10MiB/s"
+checkpoint = "25ms"
+replica-listen = "127.0.0.1:7072"
+
+[backup]
+connect = "127.0.0.1:7070"
+pair-id = "vm1"
+psk-file = "KEY"
+vm = "kvm-dummy"
+guest-mem = "64MiB"
+replica-from = "127.0.0.1:7072"
+then-listen = "127.0.0.1:7071"
+then-checkpoint = "25ms"
+then-replica-listen = "127.0.0.1:7073"
+guest-dirty-rate = "1MiB/s"
+"#,
 ];
 
 /// The keys `check-config` allows in `[table]`, from its own unknown-key message.
