@@ -44,12 +44,16 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
     let auth = crate::auth_json(&cfg.credentials, true);
     let incomplete = Arc::new(AtomicBool::new(false));
     let (hook, guest) = hooks::start_hook(&a, &incomplete)?;
+    let session = open_arbiter(&a.arbiter)?;
     // With --replica-from the standby is resumed only from a checkpoint of the link it lost.
     let (hook, replica, refusal): (Box<dyn VmStart>, _, _) = match a.replica_from {
         Some(from) => {
             let vm = crate::replica::dummy(guest.as_ref(), "--replica-from")?;
             let r = crate::replica::start_backup(from, &a.pair_id, &credentials, vm)?;
-            let start = ReplicaStart::new(vm.clone(), r.clone());
+            let mut start = ReplicaStart::new(vm.clone(), r.clone());
+            if let Some(s) = &session {
+                start = start.with_verifier(crate::replica::verifier(s.clone(), &a.pair_id));
+            }
             let refusal = start.refusal();
             (Box::new(start), Some(r), Some(refusal))
         }
@@ -59,7 +63,6 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
         crate::replica::dummy(guest.as_ref(), "--then-checkpoint")?;
     }
     let rp = replica.clone();
-    let session = open_arbiter(&a.arbiter)?;
     // A local guest keeps running in this process after the takeover: the backup is now the VMM.
     // With an arbiter the process also stays to hold the pair's lease for the guest it started:
     // were it to leave, the lease would run out under a running guest.
@@ -422,6 +425,10 @@ impl Promotion<'_> {
             (Some(every), Some(listen), Some(g)) => {
                 let vm =
                     crate::replica::dummy(Some(g), "--then-checkpoint").map_err(|f| f.message)?;
+                let record = match (self.session, epoch) {
+                    (Some(s), Some(e)) => Some(crate::replica::recorder(s.clone(), &a.pair_id, e)),
+                    _ => None,
+                };
                 Some(crate::replica::start_source(
                     listen,
                     &a.pair_id,
@@ -429,6 +436,7 @@ impl Promotion<'_> {
                     every,
                     vm,
                     g.counter(),
+                    record,
                 )?)
             }
             _ => None,

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use serde_json::json;
 use vmm_takeover_core::auth::Credentials;
-use vmm_takeover_core::{HookError, VmPause};
+use vmm_takeover_core::{ArbiterSession, HookError, VmPause};
 use vmm_takeover_guest::{DummyVm, StandbyGuest};
 use vmm_takeover_replica::{
-    BackupReplicaConfig, EventSink, Fault, ReplicaBackup, ReplicaEvent, ReplicaSource,
-    SourceReplicaConfig,
+    BackupReplicaConfig, EventSink, Fault, Recorder, ReplicaBackup, ReplicaEvent, ReplicaSource,
+    SourceReplicaConfig, Verifier,
 };
 
 use crate::events::emit;
@@ -67,15 +67,47 @@ pub fn start_source(
     interval: Duration,
     vm: &DummyVm,
     start_mark: u64,
+    record: Option<Recorder>,
 ) -> Result<ReplicaSource, String> {
     let mut cfg =
         SourceReplicaConfig::new(listen, pair_id.to_string(), credentials.clone(), interval);
     cfg.fault = fault();
+    cfg.record = record;
     let r = ReplicaSource::start(cfg, Arc::new(vm.clone()), start_mark, sink())
         .map_err(|e| format!("cannot listen for the replication stream on {listen}: {e}"))?;
     // One guest per process: the first replication started is the one its output follows.
     let _ = OUTPUT.set(r.clone());
     Ok(r)
+}
+
+/// Bound on one arbiter call for the replica of record.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// With `--arbiter`: the source records a stream's link as the pair's replica of record (owned
+/// under `epoch`) before releasing output on its acknowledgements.
+pub fn recorder(session: ArbiterSession, pair_id: &str, epoch: u64) -> Recorder {
+    let pair = pair_id.to_string();
+    Arc::new(move |link| {
+        session
+            .set_replica_blocking(&pair, epoch, &link.to_hex(), RECORD_TIMEOUT)
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// With `--arbiter`: the backup reads the pair's replica of record after winning the pair (three
+/// tries: the arbiter just answered, a failure is likely passing).
+pub fn verifier(session: ArbiterSession, pair_id: &str) -> Verifier {
+    let pair = pair_id.to_string();
+    Box::new(move || {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match session.replica_blocking(&pair, RECORD_TIMEOUT) {
+                Ok(r) => return Ok(r),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    })
 }
 
 /// Starts keeping `vm` a replica of the source's guest at `from`.

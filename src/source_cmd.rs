@@ -70,9 +70,21 @@ pub fn run(a: SourceArgs) -> Result<u8, Failure> {
     let replica = match (a.checkpoint, a.replica_listen) {
         (Some(every), Some(listen)) => {
             let vm = crate::replica::dummy(guest.as_ref(), "--checkpoint")?;
+            let record = match (&session, epoch) {
+                (Some(s), Some(e)) => Some(crate::replica::recorder(s.clone(), &a.pair_id, e)),
+                _ => None,
+            };
             Some(
-                crate::replica::start_source(listen, &a.pair_id, &cfg.credentials, every, vm, 0)
-                    .map_err(Failure::runtime)?,
+                crate::replica::start_source(
+                    listen,
+                    &a.pair_id,
+                    &cfg.credentials,
+                    every,
+                    vm,
+                    0,
+                    record,
+                )
+                .map_err(Failure::runtime)?,
             )
         }
         _ => None,

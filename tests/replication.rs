@@ -8,6 +8,8 @@
 //! checkpoint of the link it lost starts nothing; the state survives a second failover.
 
 mod common;
+#[path = "../crates/arbiter-etcd/tests/common/etcd.rs"]
+mod etcd;
 
 use std::process::Command;
 
@@ -464,4 +466,89 @@ fn a_planned_handoff_resumes_exactly_where_the_guest_stopped() {
     assert_eq!(paused["counter"], last["released"], "{paused} {last}");
     let takeover = seen(&b, "takeover");
     assert_eq!(takeover["reason"], "handoff", "{takeover}");
+}
+
+/// `etcdctl` against `server`: the replica of record as the arbiter holds it.
+fn etcdctl(server: &etcd::EtcdServer, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", server.client_addr()))
+        .args(args)
+        .output()
+        .expect("etcdctl (package etcd-client) runs");
+    assert!(out.status.success(), "etcdctl {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A replicating source and backup, both under the arbiter at `server`; returns them, once the
+/// backup holds a checkpoint and the source released output, with the stream's link id.
+fn arbitrated(server: &etcd::EtcdServer, pair: &str) -> (Proc, Proc, String) {
+    let url = format!("etcd://{}", server.client_addr());
+    let arbiter = ["--arbiter", url.as_str(), "--lease-ttl", "2s"];
+    let (src, addr, replica) = source("source", pair, SpawnOpts::new(), &arbiter);
+    let b = backup("backup", &addr, &replica, pair, &arbiter);
+    let link = seen(&src, "replica-connected")["link"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_acked(&src, 5);
+    wait_output(&src);
+    (src, b, link)
+}
+
+#[test]
+fn with_an_arbiter_the_source_records_its_replica_and_the_standby_resumes_it() {
+    if !kvm() {
+        return;
+    }
+    let Some(server) = etcd::EtcdServer::start(etcd::EtcdOptions::fast()) else {
+        return;
+    };
+    let pair = "repl-arb";
+    let (src, b, link) = arbitrated(&server, pair);
+    // The arbiter names the stream's link as the replica of record before output is released.
+    let key = format!("/vmm-takeover/pairs/{pair}/replica");
+    let got = etcdctl(&server, &["get", "--print-value-only", &key]);
+    assert_eq!(got.trim(), link, "{got:?}");
+    src.signal(libc::SIGKILL);
+    // The lease runs out (2 s), the backup wins, reads the record, resumes its replica.
+    let started = seen(&b, "vm-started");
+    let shown = reported(&src).into_iter().max().unwrap();
+    assert!(
+        started["checkpoint_mark"].as_u64().unwrap() >= shown,
+        "{started}, shown {shown}"
+    );
+    assert!(
+        started["checkpoint_seq"].as_u64().unwrap() >= 5,
+        "{started}"
+    );
+}
+
+#[test]
+fn with_an_arbiter_a_standby_whose_link_is_not_on_record_starts_nothing() {
+    if !kvm() {
+        return;
+    }
+    let Some(server) = etcd::EtcdServer::start(etcd::EtcdOptions::fast()) else {
+        return;
+    };
+    let pair = "repl-arb-old";
+    let (src, mut b, link) = arbitrated(&server, pair);
+    // Another backup's link is now on record (as when this backup lost its link to a live
+    // source, another one synced and output was released on its acknowledgements).
+    let key = format!("/vmm-takeover/pairs/{pair}/replica");
+    let other = "0123456789abcdef0123456789abcdef";
+    assert_ne!(link, other);
+    etcdctl(&server, &["put", &key, other]);
+    src.signal(libc::SIGKILL);
+    let missing = seen(&b, "replica-missing");
+    let why = missing["error"].as_str().unwrap();
+    assert!(
+        why.contains("replica of record") && why.contains(other),
+        "{missing}"
+    );
+    assert_eq!(b.wait_exit(EVENT_TIMEOUT).code(), Some(10));
+    assert_eq!(b.count("vm-started"), 0);
+    // The pair was won (the guest would have started there): the refusal is replication's.
+    assert_eq!(seen(&b, "takeover")["reason"], "peer-closed");
 }

@@ -195,6 +195,11 @@ impl EtcdArbiter {
         format!("{}pairs/{pair}/handover", self.prefix)
     }
 
+    /// The replica-of-record key of `pair` (no lease: it outlives its writer).
+    pub fn replica_key(&self, pair: &str) -> String {
+        format!("{}pairs/{pair}/replica", self.prefix)
+    }
+
     /// Time left on a lease, by `lease/timetolive`. `None` when the key has no lease or etcd
     /// does not say in time: it is a hint for logs and events, never a reason to fail a call.
     fn ttl_left(&mut self, deadline: Instant, lease: i64) -> Option<Duration> {
@@ -517,6 +522,48 @@ impl Arbiter for EtcdArbiter {
     fn close_session(&mut self) -> Result<(), ArbiterError> {
         let deadline = self.deadline();
         self.revoke(deadline)
+    }
+
+    /// In one txn: if the owner key is still this session's ownership under `epoch`, put the
+    /// replica key (no lease: a backup reads it after this owner is gone).
+    fn set_replica(&mut self, pair: &str, epoch: u64, link: &str) -> Result<(), ArbiterError> {
+        let s = self.session()?;
+        let deadline = self.deadline();
+        let owner_key = self.owner_key(pair);
+        let Some(rev) = valid_epoch(epoch) else {
+            let current = self.owner_now(deadline, &owner_key)?;
+            return Err(ArbiterError::NotOwner(current));
+        };
+        let r = self.txn(
+            deadline,
+            txn(
+                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
+                vec![op_put(&self.replica_key(pair), link, 0)],
+                vec![op_range(&owner_key)],
+            ),
+        )?;
+        if r.succeeded {
+            return Ok(());
+        }
+        let current = r
+            .range_kv(0)
+            .map_err(protocol)?
+            .map(Self::ownership)
+            .transpose()?;
+        Err(ArbiterError::NotOwner(current))
+    }
+
+    fn replica(&mut self, pair: &str) -> Result<Option<String>, ArbiterError> {
+        let deadline = self.deadline();
+        let r: wire::RangeResponse = self.client.call(
+            deadline,
+            "/v3/kv/range",
+            &json!({"key": wire::b64(&self.replica_key(pair))}),
+        )?;
+        r.kvs
+            .first()
+            .map(|kv| unb64(&kv.value).map_err(protocol))
+            .transpose()
     }
 }
 

@@ -248,3 +248,35 @@ fn racing_holders_exactly_one_wins() {
         }
     }
 }
+
+#[test]
+fn only_the_owner_records_the_replica_of_record_and_it_outlives_the_owner() {
+    let Some((_etcd, mut s)) = setup(&["a", "b"]) else {
+        return;
+    };
+    let p = pair("replica");
+    assert_eq!(s[1].replica(&p).unwrap(), None);
+    let e1 = won(&mut s[0], &p);
+    // Not the owner, or not under this epoch: refused, nothing written.
+    assert_eq!(
+        s[1].set_replica(&p, e1, "bbbb"),
+        Err(ArbiterError::NotOwner(Some(ownership("a", e1))))
+    );
+    assert_eq!(
+        s[0].set_replica(&p, e1 + 1, "aaaa"),
+        Err(ArbiterError::NotOwner(Some(ownership("a", e1))))
+    );
+    assert_eq!(s[1].replica(&p).unwrap(), None);
+    s[0].set_replica(&p, e1, "aaaa").unwrap();
+    s[0].set_replica(&p, e1, "cccc").unwrap();
+    assert_eq!(s[1].replica(&p).unwrap().as_deref(), Some("cccc"));
+    // The owner's session ends (as when it dies and its lease runs out): the record stays for
+    // the backup that wins the pair next, and an old epoch can no longer change it.
+    s[0].close_session().unwrap();
+    let e2 = won(&mut s[1], &p);
+    assert!(e2 > e1);
+    assert_eq!(s[1].replica(&p).unwrap().as_deref(), Some("cccc"));
+    assert!(s[0].set_replica(&p, e1, "dddd").is_err());
+    s[1].set_replica(&p, e2, "eeee").unwrap();
+    assert_eq!(s[1].replica(&p).unwrap().as_deref(), Some("eeee"));
+}

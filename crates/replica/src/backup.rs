@@ -84,7 +84,28 @@ pub enum NoReplica {
         /// The link whose loss caused the takeover (`-` if none was named).
         lost: String,
     },
+    /// The arbiter names another link as the pair's replica of record.
+    #[error(
+        "the arbiter records link {recorded} as the pair's replica of record, not this standby's \
+         link {had}: another backup held newer checkpoints and output past this state may have \
+         been released; nothing is started"
+    )]
+    Superseded {
+        /// This standby's checkpoint's link.
+        had: LinkId,
+        /// The link the arbiter names.
+        recorded: String,
+    },
+    /// The replica of record could not be read.
+    #[error(
+        "cannot read the pair's replica of record from the arbiter ({0}): whether this standby's \
+         state is the newest is unknown; nothing is started"
+    )]
+    Unverified(String),
 }
+
+/// Reads the pair's replica of record from the arbiter (a link id in hex), once the pair was won.
+pub type Verifier = Box<dyn Fn() -> Result<Option<String>, String> + Send>;
 
 #[derive(Default)]
 struct State {
@@ -389,6 +410,7 @@ pub struct ReplicaStart<H> {
     inner: H,
     replica: ReplicaBackup,
     refused: Arc<Mutex<Option<NoReplica>>>,
+    verify: Option<Verifier>,
 }
 
 impl<H: VmStart> ReplicaStart<H> {
@@ -398,7 +420,15 @@ impl<H: VmStart> ReplicaStart<H> {
             inner,
             replica,
             refused: Arc::default(),
+            verify: None,
         }
+    }
+
+    /// With an arbiter: before resuming, checks that the arbiter's replica of record (if it
+    /// names one) is this standby's link.
+    pub fn with_verifier(mut self, verify: Verifier) -> Self {
+        self.verify = Some(verify);
+        self
     }
 
     /// Where the reason for a refused start is kept (for the caller's report).
@@ -409,7 +439,18 @@ impl<H: VmStart> ReplicaStart<H> {
 
 impl<H: VmStart> VmStart for ReplicaStart<H> {
     fn vm_start(&mut self, record: &TakeoverRecord) -> Result<(), HookError> {
-        match self.replica.freeze(record.link) {
+        let checked = self.replica.freeze(record.link).and_then(|a| {
+            match self.verify.as_ref().map(|v| v()) {
+                None | Some(Ok(None)) => Ok(a),
+                Some(Ok(Some(recorded))) if recorded == a.link.to_hex() => Ok(a),
+                Some(Ok(Some(recorded))) => Err(NoReplica::Superseded {
+                    had: a.link,
+                    recorded,
+                }),
+                Some(Err(e)) => Err(NoReplica::Unverified(e)),
+            }
+        });
+        match checked {
             Ok(a) => {
                 info!(
                     "resuming from checkpoint {} (output mark {}) of link {}",

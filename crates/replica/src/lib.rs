@@ -28,8 +28,8 @@ pub mod message;
 mod source;
 pub mod stream;
 
-pub use backup::{Applied, BackupReplicaConfig, NoReplica, ReplicaBackup, ReplicaStart};
-pub use source::{Fault, ReplicaSource, SourceReplicaConfig};
+pub use backup::{Applied, BackupReplicaConfig, NoReplica, ReplicaBackup, ReplicaStart, Verifier};
+pub use source::{Fault, Recorder, ReplicaSource, SourceReplicaConfig};
 pub use vmm_takeover_core::auth::LinkId;
 
 /// The page size the dirty log counts in.

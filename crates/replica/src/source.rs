@@ -39,7 +39,17 @@ pub struct SourceReplicaConfig {
     pub io_timeout: Duration,
     /// Tests only.
     pub fault: Option<Fault>,
+    /// With an arbiter: records a stream's link as the pair's replica of record before the first
+    /// output its checkpoints cover is released (see [`Recorder`]).
+    pub record: Option<Recorder>,
 }
+
+/// Records a link as the pair's replica of record in the arbiter (atomic with the check that
+/// this source still owns the pair). A backup that wins the pair resumes only a checkpoint of
+/// the recorded link: so once output was released on a new link's acknowledgements, a backup
+/// still holding an older link's checkpoint (it lost its link to a live source and waited for
+/// the lease) can no longer take that output back.
+pub type Recorder = Arc<dyn Fn(LinkId) -> Result<(), String> + Send + Sync>;
 
 impl SourceReplicaConfig {
     /// Defaults: ack timeout max(20 × interval, 2 s), I/O timeout 2 s.
@@ -57,6 +67,7 @@ impl SourceReplicaConfig {
             ack_timeout: (interval * 20).max(Duration::from_secs(2)),
             io_timeout: Duration::from_secs(2),
             fault: None,
+            record: None,
         }
     }
 }
@@ -401,6 +412,16 @@ fn replicate(
         match s.recv(cfg.ack_timeout).map_err(err)? {
             Message::Ack { seq: acked } if acked == seq => {}
             m => return Err(format!("expected ACK {seq}, got {}", m.name())),
+        }
+        if full {
+            // Before any output is released on this link's acknowledgements, the arbiter must
+            // name it: a backup holding another link's checkpoint then refuses to resume it.
+            // Failing that, the stream ends and a new one syncs (and records) again.
+            if let Some(record) = &cfg.record {
+                record(link).map_err(|e| {
+                    format!("cannot record link {link} as the replica of record: {e}")
+                })?;
+            }
         }
         // Output commit: only now may the world see the output this checkpoint covers.
         shared.released.fetch_max(c.mark, Ordering::AcqRel);

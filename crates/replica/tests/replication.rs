@@ -11,8 +11,8 @@ use vmm_takeover_core::auth::{Credentials, Key, KeyRing, LinkId};
 use vmm_takeover_core::{TakeoverReason, TakeoverRecord, VmStart};
 use vmm_takeover_guest::{DummyVm, DummyVmConfig, KvmDummyError};
 use vmm_takeover_replica::{
-    BackupReplicaConfig, EventSink, Fault, NoReplica, ReplicaBackup, ReplicaEvent, ReplicaSource,
-    ReplicaStart, SourceReplicaConfig,
+    BackupReplicaConfig, EventSink, Fault, NoReplica, Recorder, ReplicaBackup, ReplicaEvent,
+    ReplicaSource, ReplicaStart, SourceReplicaConfig,
 };
 
 const BOUND: Duration = Duration::from_secs(20);
@@ -120,6 +120,10 @@ struct Pair {
 }
 
 fn pair(fault: Option<Fault>) -> Option<Pair> {
+    pair_with(fault, None)
+}
+
+fn pair_with(fault: Option<Fault>, record: Option<Recorder>) -> Option<Pair> {
     let src_vm = vm(4 << 20)?;
     let bak_vm = vm(4 << 20)?;
     src_vm.start().unwrap();
@@ -131,6 +135,7 @@ fn pair(fault: Option<Fault>) -> Option<Pair> {
         Duration::from_millis(20),
     );
     cfg.fault = fault;
+    cfg.record = record;
     let src = ReplicaSource::start(cfg, Arc::new(src_vm.clone()), 0, src_log.sink()).unwrap();
     let bak_log = Log::default();
     let addr: SocketAddr = src.local_addr();
@@ -268,4 +273,65 @@ fn a_stream_for_a_link_that_is_not_armed_is_refused() {
     p.src_log.wait("the source refuses it", |e| {
         matches!(e, ReplicaEvent::Refused { why } if why.contains("not the armed backup's link"))
     });
+}
+
+/// The replica of record, with a recorder standing in for the arbiter (a test double: the real
+/// one is etcd, tested in `tests/replication.rs` of the binary): nothing is released on a
+/// stream's acknowledgements before its link is recorded, and a failed record ends the stream.
+#[test]
+fn output_is_released_only_once_the_link_is_recorded() {
+    let calls = Arc::new(Mutex::new(Vec::<LinkId>::new()));
+    let c = calls.clone();
+    let record: Recorder = Arc::new(move |l: LinkId| {
+        let mut c = c.lock().unwrap();
+        c.push(l);
+        // The first try fails (the arbiter did not answer).
+        if c.len() == 1 {
+            Err("arbiter unavailable (test double)".into())
+        } else {
+            Ok(())
+        }
+    });
+    let Some(p) = pair_with(None, Some(record)) else {
+        return;
+    };
+    p.src_log.wait(
+        "the failed record ends the stream",
+        |e| matches!(e, ReplicaEvent::Lost { why } if why.contains("replica of record")),
+    );
+    p.src_log
+        .wait("a new stream's full checkpoint acknowledged", |e| {
+            matches!(e, ReplicaEvent::Acked { full: true, .. })
+        });
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls, vec![link(1), link(1)]);
+    // Every Acked (hence every release) came after the successful record.
+    assert!(p.src.released() > 0);
+}
+
+/// With a verifier (the arbiter's replica of record), a standby whose link is not the recorded
+/// one starts nothing; the recorded one, or none recorded, resumes.
+#[test]
+fn the_standby_resumes_only_if_the_arbiter_records_its_link() {
+    let Some(p) = pair(None) else { return };
+    p.bak_log.wait("synced", |e| {
+        matches!(e, ReplicaEvent::Applied { seq: 1, .. })
+    });
+    let mut start = ReplicaStart::new(p.bak_vm.clone(), p.bak.clone())
+        .with_verifier(Box::new(|| Ok(Some(link(7).to_hex()))));
+    let e = start.vm_start(&record(Some(link(1)))).unwrap_err();
+    assert!(e.to_string().contains("replica of record"), "{e}");
+    assert!(matches!(
+        *start.refusal().lock().unwrap(),
+        Some(NoReplica::Superseded { .. })
+    ));
+    assert_eq!(p.bak_vm.starts(), 0);
+    let mut start = ReplicaStart::new(p.bak_vm.clone(), p.bak.clone())
+        .with_verifier(Box::new(|| Err("etcd unreachable (test double)".into())));
+    assert!(start.vm_start(&record(Some(link(1)))).is_err());
+    assert_eq!(p.bak_vm.starts(), 0);
+    let mut start = ReplicaStart::new(p.bak_vm.clone(), p.bak.clone())
+        .with_verifier(Box::new(|| Ok(Some(link(1).to_hex()))));
+    start.vm_start(&record(Some(link(1)))).unwrap();
+    assert_eq!(p.bak_vm.starts(), 1);
 }

@@ -114,4 +114,26 @@ pub trait Arbiter: Send {
 
     /// Ends the session: revokes the lease, which frees every pair held under it.
     fn close_session(&mut self) -> Result<(), ArbiterError>;
+
+    /// Records `link` as the pair's **replica of record** (replication, `docs/replication.md`):
+    /// the only link whose checkpoints a backup may resume. Atomic with the check that this
+    /// holder still owns the pair under `epoch`; the record outlives the session (a backup reads
+    /// it after the owner died). The default: this backend cannot ([`ArbiterError::Protocol`]).
+    fn set_replica(&mut self, pair: &str, epoch: u64, link: &str) -> Result<(), ArbiterError> {
+        let _ = (pair, epoch, link);
+        Err(ArbiterError::Protocol(format!(
+            "{} cannot record a replica of record",
+            self.describe()
+        )))
+    }
+
+    /// The pair's replica of record ([`set_replica`](Self::set_replica)), if any. The default:
+    /// this backend cannot.
+    fn replica(&mut self, pair: &str) -> Result<Option<String>, ArbiterError> {
+        let _ = pair;
+        Err(ArbiterError::Protocol(format!(
+            "{} cannot record a replica of record",
+            self.describe()
+        )))
+    }
 }

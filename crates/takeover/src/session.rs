@@ -51,6 +51,8 @@ enum Cmd {
     Release(String, u64, Reply<()>),
     HandOver(String, u64, String, Reply<()>),
     Owner(String, Reply<Option<(Ownership, Option<Duration>)>>),
+    SetReplica(String, u64, String, Reply<()>),
+    Replica(String, Reply<Option<String>>),
     RenewNow,
     Close(mpsc::Sender<()>),
 }
@@ -195,6 +197,53 @@ impl ArbiterSession {
         self.send(Cmd::Owner(pair.into(), Box::new(reply)));
     }
 
+    /// Records `link` as `pair`'s replica of record, if still owned under `epoch`
+    /// ([`Arbiter::set_replica`]), waiting at most `timeout`. Off the event loop only (the
+    /// replication thread calls it).
+    pub fn set_replica_blocking(
+        &self,
+        pair: &str,
+        epoch: u64,
+        link: &str,
+        timeout: Duration,
+    ) -> Result<(), ArbiterError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::SetReplica(
+            pair.into(),
+            epoch,
+            link.into(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        ));
+        rx.recv_timeout(timeout).unwrap_or_else(|_| {
+            Err(ArbiterError::Unavailable(format!(
+                "no answer from the arbiter within {timeout:?}"
+            )))
+        })
+    }
+
+    /// `pair`'s replica of record ([`Arbiter::replica`]), waiting at most `timeout`. Off the
+    /// event loop only (a `vm_start` hook calls it).
+    pub fn replica_blocking(
+        &self,
+        pair: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>, ArbiterError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Replica(
+            pair.into(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        ));
+        rx.recv_timeout(timeout).unwrap_or_else(|_| {
+            Err(ArbiterError::Unavailable(format!(
+                "no answer from the arbiter within {timeout:?}"
+            )))
+        })
+    }
+
     /// Renews the lease now rather than at its rhythm; the outcome comes as a [`SessionEvent`].
     pub fn renew_now(&self) {
         self.send(Cmd::RenewNow);
@@ -230,6 +279,8 @@ impl ArbiterSession {
                 Cmd::Acquire(_, _, r) => r(Err(e)),
                 Cmd::Release(_, _, r) | Cmd::HandOver(_, _, _, r) => r(Err(e)),
                 Cmd::Owner(_, r) => r(Err(e)),
+                Cmd::SetReplica(_, _, _, r) => r(Err(e)),
+                Cmd::Replica(_, r) => r(Err(e)),
                 Cmd::RenewNow | Cmd::Close(_) => {}
             }
         }
@@ -296,6 +347,10 @@ impl Worker {
                 reply(self.arbiter.hand_over(&pair, epoch, &to));
             }
             Cmd::Owner(pair, reply) => reply(self.arbiter.owner(&pair)),
+            Cmd::SetReplica(pair, epoch, link, reply) => {
+                reply(self.arbiter.set_replica(&pair, epoch, &link));
+            }
+            Cmd::Replica(pair, reply) => reply(self.arbiter.replica(&pair)),
             Cmd::RenewNow => self.renew(),
             Cmd::Close(ack) => {
                 let _ = ack.send(());
