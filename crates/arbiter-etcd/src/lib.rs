@@ -12,6 +12,9 @@
 //!   lease; the pair is free when it is absent.
 //! - `/vmm-takeover/pairs/{pair}/handover`: the successor's holder name while a planned handover
 //!   is pending, bound to the handing-over session's lease (so it disappears with that session).
+//! - `/vmm-takeover/pairs/{pair}/replica`: with replication, the link id whose checkpoints
+//!   release output (the replica of record); no lease (a backup reads it after the owner died),
+//!   written only by the owner in a transaction that checks its epoch.
 //!
 //! # Epoch
 //!
