@@ -38,6 +38,9 @@ fn failing_hook_exits_3() {
     let (source, addr) = start_source("source", "vm-hookfail", &[]);
     let mut backup = start_backup("backup", addr, "vm-hookfail", &["--on-takeover", "exit 7"]);
     backup.wait_event("armed", EVENT_TIMEOUT);
+    // Killed before it read the backup's AUTH, the source's kernel would answer with a RST
+    // (`reset`): the source must have the backup joined first for the EOF this test expects.
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
     source.signal(libc::SIGKILL);
     assert_eq!(
         backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],
@@ -68,6 +71,8 @@ fn ipv6_loopback_link_works_end_to_end() {
     assert!(addr.starts_with("[::1]:"), "{addr}");
     let mut backup = start_backup("backup", &addr, "vm-v6", &[]);
     backup.wait_event("armed", EVENT_TIMEOUT);
+    // As above: joined on the source's side too, so that the kill is an EOF, not a RST.
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
     source.signal(libc::SIGKILL);
     assert_eq!(
         backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],

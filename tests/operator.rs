@@ -129,6 +129,9 @@ fn a_hook_that_prints_leaves_stdout_pure_json() {
         SpawnOpts::new().pipe_stderr(),
     );
     backup.wait_event("armed", EVENT_TIMEOUT);
+    // Joined on the source's side too: killed before it read the AUTH, its kernel would answer
+    // with a RST (`reset`), not the EOF asserted below.
+    source.wait_event("backup-joined", EVENT_TIMEOUT);
     source.signal(libc::SIGKILL);
     assert_eq!(
         backup.wait_event("takeover", EVENT_TIMEOUT)["reason"],
