@@ -142,7 +142,13 @@ pub fn run(a: BackupArgs) -> Result<u8, Failure> {
                     );
                 }
             }
-            BackupNotice::LinkUntrusted { why } => emit("link-untrusted", json!({"why": why})),
+            BackupNotice::LinkUntrusted { why } => {
+                // The link is gone (it redials): nothing more of it is applied.
+                if let Some(r) = &rp {
+                    r.set_link(None);
+                }
+                emit("link-untrusted", json!({"why": why}));
+            }
             BackupNotice::LinkLost { reason, detail } => {
                 // No checkpoint is applied past the link's end: the takeover sees what it had.
                 if let Some(r) = &rp {
@@ -409,6 +415,10 @@ impl Promotion<'_> {
         cfg.keepalive = a.keepalive.keepalive.with_user_timeout(UserTimeout::Auto);
         cfg.heartbeat = self.heartbeat;
         cfg.pause_timeout = a.hook_timeout;
+        if a.then_checkpoint.is_some() {
+            // Replication keeps one replica, the armed backup's (as the source's --checkpoint).
+            cfg.max_backups = 1;
+        }
         let auth = crate::auth_json(&self.credentials, false);
         cfg.credentials = self.credentials;
         let keepalive = cfg.keepalive;

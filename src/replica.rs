@@ -4,6 +4,7 @@
 //! what this process shows of its guest.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -83,13 +84,28 @@ pub fn start_source(
 /// Bound on one arbiter call for the replica of record.
 const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The epoch this process holds the pair under, as the source's `owner` notices last said (a
+/// failed handoff that takes the pair back gets a new one). One pair per process.
+static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// A new epoch is held (the `owner` notice).
+pub fn note_epoch(epoch: u64) {
+    EPOCH.store(epoch, Ordering::SeqCst);
+}
+
 /// With `--arbiter`: the source records a stream's link as the pair's replica of record (owned
-/// under `epoch`) before releasing output on its acknowledgements.
+/// under the epoch held now, at first `epoch`) before releasing output on its acknowledgements.
 pub fn recorder(session: ArbiterSession, pair_id: &str, epoch: u64) -> Recorder {
     let pair = pair_id.to_string();
+    let _ = EPOCH.compare_exchange(0, epoch, Ordering::SeqCst, Ordering::SeqCst);
     Arc::new(move |link| {
         session
-            .set_replica_blocking(&pair, epoch, &link.to_hex(), RECORD_TIMEOUT)
+            .set_replica_blocking(
+                &pair,
+                EPOCH.load(Ordering::SeqCst),
+                &link.to_hex(),
+                RECORD_TIMEOUT,
+            )
             .map_err(|e| e.to_string())
     })
 }

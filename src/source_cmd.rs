@@ -164,10 +164,17 @@ pub(crate) fn observer(
     replica: Option<ReplicaSource>,
 ) -> SourceObserver {
     let (ex, g) = (exit, guest);
-    // The replication stream serves the armed backup's link only (one backup with --checkpoint).
+    // The replication stream serves the armed backup's link only (one backup with --checkpoint);
+    // a backup that goes unbinds only its own link.
+    let r1 = replica.clone();
     let bind = move |link: Option<LinkId>| {
-        if let Some(r) = &replica {
+        if let Some(r) = &r1 {
             r.bind_link(link);
+        }
+    };
+    let unbind = move |link: Option<LinkId>| {
+        if let (Some(r), Some(l)) = (&replica, link) {
+            r.unbind_link(l);
         }
     };
     Box::new(move |n: &SourceNotice| match n {
@@ -185,8 +192,8 @@ pub(crate) fn observer(
                        "node": node, "key_id": key_id}),
             );
         }
-        SourceNotice::BackupLost { peer, why, .. } => {
-            bind(None);
+        SourceNotice::BackupLost { peer, why, link } => {
+            unbind(*link);
             emit("backup-lost", json!({"peer": peer.to_string(), "why": why}));
         }
         SourceNotice::BackupRejected {
@@ -197,8 +204,8 @@ pub(crate) fn observer(
             "backup-rejected",
             json!({"peer": peer.to_string(), "why": why, "suppressed": suppressed}),
         ),
-        SourceNotice::BackupEvicted { peer, why, .. } => {
-            bind(None);
+        SourceNotice::BackupEvicted { peer, why, link } => {
+            unbind(*link);
             emit(
                 "backup-evicted",
                 json!({"peer": peer.to_string(), "why": why}),
@@ -267,11 +274,16 @@ pub(crate) fn observer(
             emit("stood-down", json!({"told": told, "confirmed": confirmed}));
             ex.set(exit::OK);
         }
-        SourceNotice::Owner { epoch, ttl } => emit(
-            "owner",
-            json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64,
-                   "holder": holder, "arbiter": arbiter_url}),
-        ),
+        SourceNotice::Owner { epoch, ttl } => {
+            // The replica of record is written under the epoch held now (it changes when a
+            // failed handoff takes the pair back).
+            crate::replica::note_epoch(*epoch);
+            emit(
+                "owner",
+                json!({"epoch": epoch, "ttl_ms": ttl.as_millis() as u64,
+                       "holder": holder, "arbiter": arbiter_url}),
+            );
+        }
         SourceNotice::Fenced { why, pause_error } => {
             emit(
                 "fenced",

@@ -351,6 +351,10 @@ fn the_guest_state_survives_two_failovers_through_re_protection() {
         .to_string();
     let c = backup("c", &addr_b, &replica_b, pair, &[]);
     let full = c.wait_event("checkpoint-applied", EVENT_TIMEOUT);
+    // Replicating, the promoted source serves one backup (its replica's): another is refused.
+    let _d = start_backup("d", &addr_b, pair, &["--heartbeat-misses", "10"]);
+    let refused = seen(&b, "backup-rejected");
+    assert_eq!(refused["role"], "source", "{refused}");
     assert_eq!(full["full"], true, "{full}");
     assert!(
         full["mark"].as_u64().unwrap() >= first["checkpoint_mark"].as_u64().unwrap(),

@@ -626,7 +626,7 @@ fn load_restore(ctx: &mut VcpuContext, counter: &mut WideCounter) -> Result<(), 
 
 /// Takes the posted job (if the caller has not withdrawn it), runs it, posts the result.
 #[cold]
-/// Runs the posted job; `true` if the guest must not be entered now (it parked itself).
+/// Runs the posted job; `true` if the guest parked itself after it.
 fn run_job(ctx: &mut VcpuContext, gate: &Gate) -> bool {
     let jobs = &ctx.shared.jobs;
     let job = {
@@ -734,7 +734,10 @@ fn vcpu_loop(mut ctx: VcpuContext, gate: Arc<Gate>) {
             first_entry = false;
         }
         // One load per entry; the lock only when a job is posted.
-        if ctx.shared.jobs.pending.load(Ordering::Acquire) && run_job(&mut ctx, &gate) {
+        // After a job, back to the top: a capture can take a while, and the run deadline and a
+        // pause must be checked again right before the next entry.
+        if ctx.shared.jobs.pending.load(Ordering::Acquire) {
+            run_job(&mut ctx, &gate);
             continue;
         }
         let outcome = match ctx.vcpu.run() {

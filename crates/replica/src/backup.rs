@@ -36,14 +36,15 @@ pub struct BackupReplicaConfig {
 }
 
 impl BackupReplicaConfig {
-    /// Defaults: I/O timeout 2 s, idle timeout 5 s, retry 200 ms, report every 10th.
+    /// Defaults: I/O timeout 2 s, idle timeout 30 s (above the longest checkpoint interval, and
+    /// a source whose guest is paused sends nothing), retry 200 ms, report every 10th.
     pub fn new(connect: SocketAddr, pair_id: String, credentials: Credentials) -> Self {
         BackupReplicaConfig {
             connect,
             pair_id,
             credentials,
             io_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
             retry: Duration::from_millis(200),
             report_every: 10,
         }
@@ -109,14 +110,17 @@ pub type Verifier = Box<dyn Fn() -> Result<Option<String>, String> + Send>;
 
 #[derive(Default)]
 struct State {
-    link: Option<LinkId>,
     applied: Option<Applied>,
     /// Set at takeover: nothing is applied afterwards.
     frozen: bool,
 }
 
 struct Shared {
+    /// Held for a whole apply (tens of milliseconds for a full checkpoint) and by the takeover.
     state: Mutex<State>,
+    /// The armed link, behind a lock of its own: the backup's event loop sets it and must never
+    /// wait for an apply. Taken after `state` when both are held.
+    link: Mutex<Option<LinkId>>,
     cv: Condvar,
     stop: AtomicBool,
 }
@@ -124,6 +128,10 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn link(&self) -> Option<LinkId> {
+        *self.link.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -142,6 +150,7 @@ impl ReplicaBackup {
     ) -> std::io::Result<ReplicaBackup> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
+            link: Mutex::new(None),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -154,7 +163,7 @@ impl ReplicaBackup {
 
     /// The armed heartbeat link (from the backup's `Armed` notice); `None` while none is.
     pub fn set_link(&self, link: Option<LinkId>) {
-        self.shared.lock().link = link;
+        *self.shared.link.lock().unwrap_or_else(|e| e.into_inner()) = link;
         self.shared.cv.notify_all();
     }
 
@@ -198,10 +207,16 @@ fn run(cfg: BackupReplicaConfig, vm: Arc<dyn Replicable>, shared: Arc<Shared>, e
                 if st.frozen || shared.stop.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Some(l) = st.link {
+                if let Some(l) = shared.link() {
                     break l;
                 }
-                st = shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                // Bounded: `set_link` notifies without the state lock, so a wake-up can slip
+                // between the check and the wait.
+                st = shared
+                    .cv
+                    .wait_timeout(st, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         };
         match stream::connect(
@@ -375,10 +390,13 @@ fn receive(
                     if g.frozen {
                         return End::Lost("the standby took over: nothing more is applied".into());
                     }
-                    if g.link != Some(link) {
+                    if shared.link() != Some(link) {
                         return fail(format!("link {link} is no longer armed"), &mut Some(st));
                     }
-                    // Applied under the lock: a takeover waits for it, then sees it.
+                    // Applied under the lock: a takeover waits for it, then sees it. Until it
+                    // succeeds the standby holds no known state (an apply that fails half way
+                    // must not leave the previous checkpoint's record on a mixed image).
+                    g.applied = None;
                     if let Err(e) = vm.apply(&st.cp) {
                         return fail(format!("cannot apply: {e}"), &mut Some(st));
                     }

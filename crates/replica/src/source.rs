@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,17 @@ impl ReplicaSource {
         self.shared.released.load(Ordering::Acquire)
     }
 
+    /// The backup of `link` went: the stream stops serving it, unless another link is bound by
+    /// now (a backup that goes must not unbind the one that replaced it).
+    pub fn unbind_link(&self, link: LinkId) {
+        let mut cur = self.shared.link.lock().unwrap_or_else(|e| e.into_inner());
+        if *cur == Some(link) {
+            *cur = None;
+        }
+        drop(cur);
+        self.shared.cv.notify_all();
+    }
+
     /// Before a planned handoff: takes a last checkpoint that leaves the guest paused right
     /// after it (not one instruction later) and waits until the backup acknowledged it, so that
     /// the backup resumes exactly where the guest stopped. Bounded by `timeout`; an error (no
@@ -156,7 +167,10 @@ impl ReplicaSource {
         self.shared.cv.notify_all();
         match rx.recv_timeout(timeout) {
             Ok(r) => r,
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err("the replication stream ended before the final checkpoint".into())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 // Withdrawn, so that it never runs late (a request already taken runs on).
                 self.shared
                     .final_req
@@ -216,6 +230,11 @@ fn readable(fd: i32, timeout: Duration) -> bool {
     unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) > 0 }
 }
 
+/// Handshakes under way at once; a connection beyond them is closed at once. Each is bounded by
+/// the I/O timeout, on a thread of its own, so that clients without the key (a flood, or one
+/// that says nothing) cannot hold the real backup's handshake back.
+const MAX_HANDSHAKES: usize = 8;
+
 fn serve(
     listener: TcpListener,
     cfg: SourceReplicaConfig,
@@ -223,7 +242,12 @@ fn serve(
     shared: Arc<Shared>,
     events: EventSink,
 ) {
-    let mut fault = cfg.fault;
+    let cfg = Arc::new(cfg);
+    let fault = Arc::new(Mutex::new(cfg.fault));
+    // One stream replicates at a time: a newer one waits until the older ends (its link is no
+    // longer the armed one, or it failed).
+    let serving = Arc::new(Mutex::new(()));
+    let pending = Arc::new(AtomicUsize::new(0));
     while !shared.stop.load(Ordering::SeqCst) {
         if !readable(listener.as_raw_fd(), Duration::from_millis(200)) {
             continue;
@@ -237,38 +261,76 @@ fn serve(
                 continue;
             }
         };
-        let s = stream::accept(
-            sock,
-            &cfg.credentials,
-            &cfg.pair_id,
-            cfg.io_timeout,
-            |link| shared.wait_current(link, cfg.io_timeout / 2),
-        );
-        let mut s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("replication stream refused: {e}");
-                events(&ReplicaEvent::Refused { why: e.to_string() });
-                continue;
-            }
-        };
-        info!(
-            "replication stream from {:?} for link {}",
-            s.peer().ok(),
-            s.link()
-        );
-        events(&ReplicaEvent::Connected {
-            peer: s.peer().ok(),
-            link: s.link(),
-        });
-        let why = match replicate(&mut s, &cfg, vm.as_ref(), &shared, &events, &mut fault) {
-            Ok(()) => "stopped".to_string(),
-            Err(e) => e,
-        };
-        shared.synced.store(false, Ordering::SeqCst);
-        warn!("replication stream ended: {why}");
-        events(&ReplicaEvent::Lost { why });
+        if pending.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+            debug!("replication: {MAX_HANDSHAKES} handshakes under way; a connection closed");
+            continue;
+        }
+        pending.fetch_add(1, Ordering::SeqCst);
+        let (cfg, vm, shared, events) = (cfg.clone(), vm.clone(), shared.clone(), events.clone());
+        let (fault, serving, p) = (fault.clone(), serving.clone(), pending.clone());
+        let spawned = std::thread::Builder::new()
+            .name("replica-conn".into())
+            .spawn(move || {
+                let s = stream::accept(
+                    sock,
+                    &cfg.credentials,
+                    &cfg.pair_id,
+                    cfg.io_timeout,
+                    |link| shared.wait_current(link, cfg.io_timeout / 2),
+                );
+                p.fetch_sub(1, Ordering::SeqCst);
+                match s {
+                    Ok(s) => serve_stream(s, &cfg, vm.as_ref(), &shared, &events, &fault, &serving),
+                    Err(e) => {
+                        warn!("replication stream refused: {e}");
+                        events(&ReplicaEvent::Refused { why: e.to_string() });
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            pending.fetch_sub(1, Ordering::SeqCst);
+            warn!("replication: cannot spawn a connection thread: {e}");
+        }
     }
+}
+
+/// Replicates over one authenticated stream, once no other does and if its link is still the
+/// armed backup's.
+fn serve_stream(
+    mut s: Stream,
+    cfg: &SourceReplicaConfig,
+    vm: &dyn Replicable,
+    shared: &Shared,
+    events: &EventSink,
+    fault: &Mutex<Option<Fault>>,
+    serving: &Mutex<()>,
+) {
+    let _one = serving.lock().unwrap_or_else(|e| e.into_inner());
+    if shared.stop.load(Ordering::SeqCst) {
+        return;
+    }
+    if shared.current() != Some(s.link()) {
+        let why = format!("link {} is no longer the armed backup's", s.link());
+        events(&ReplicaEvent::Refused { why });
+        return;
+    }
+    info!(
+        "replication stream from {:?} for link {}",
+        s.peer().ok(),
+        s.link()
+    );
+    events(&ReplicaEvent::Connected {
+        peer: s.peer().ok(),
+        link: s.link(),
+    });
+    let mut fault = fault.lock().unwrap_or_else(|e| e.into_inner());
+    let why = match replicate(&mut s, cfg, vm, shared, events, &mut fault) {
+        Ok(()) => "stopped".to_string(),
+        Err(e) => e,
+    };
+    shared.synced.store(false, Ordering::SeqCst);
+    warn!("replication stream ended: {why}");
+    events(&ReplicaEvent::Lost { why });
 }
 
 /// Sends `pages` (their bytes in `data`) in PAGES messages of at most
@@ -409,7 +471,14 @@ fn replicate(
             state: c.state,
         })
         .map_err(err)?;
-        match s.recv(cfg.ack_timeout).map_err(err)? {
+        // A full checkpoint takes the backup longer to apply (zeroing, then every page): one
+        // more millisecond per 64 pages (256 MiB/s) on top.
+        let ack_timeout = if full {
+            cfg.ack_timeout + Duration::from_millis(pages as u64 / 64)
+        } else {
+            cfg.ack_timeout
+        };
+        match s.recv(ack_timeout).map_err(err)? {
             Message::Ack { seq: acked } if acked == seq => {}
             m => return Err(format!("expected ACK {seq}, got {}", m.name())),
         }

@@ -335,3 +335,48 @@ fn the_standby_resumes_only_if_the_arbiter_records_its_link() {
     start.vm_start(&record(Some(link(1)))).unwrap();
     assert_eq!(p.bak_vm.starts(), 1);
 }
+
+/// Clients without the key that connect and say nothing hold a handshake slot each, for at most
+/// the I/O timeout, on threads of their own: the real backup syncs beside them.
+#[test]
+fn silent_clients_do_not_hold_the_backup_back() {
+    let Some(src_vm) = vm(4 << 20) else { return };
+    let Some(bak_vm) = vm(4 << 20) else { return };
+    src_vm.start().unwrap();
+    let src_log = Log::default();
+    let src = ReplicaSource::start(
+        SourceReplicaConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            PAIR.into(),
+            creds(),
+            Duration::from_millis(20),
+        ),
+        Arc::new(src_vm.clone()),
+        0,
+        src_log.sink(),
+    )
+    .unwrap();
+    src.bind_link(Some(link(1)));
+    let silent: Vec<std::net::TcpStream> = (0..6)
+        .map(|_| std::net::TcpStream::connect(src.local_addr()).unwrap())
+        .collect();
+    let started = Instant::now();
+    let bak_log = Log::default();
+    let bak = ReplicaBackup::start(
+        BackupReplicaConfig::new(src.local_addr(), PAIR.into(), creds()),
+        Arc::new(bak_vm.clone()),
+        bak_log.sink(),
+    )
+    .unwrap();
+    bak.set_link(Some(link(1)));
+    bak_log.wait("synced beside the silent clients", |e| {
+        matches!(e, ReplicaEvent::Applied { seq: 1, .. })
+    });
+    // Serially, six silent clients would have held it back 6 × 2 s; a generous bound below that.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
