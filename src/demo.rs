@@ -10,6 +10,7 @@
 
 mod linux;
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -316,8 +317,12 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
             "simulated"
         }
     };
-    let guest_label = if kind == "kvm-dummy" {
-        "a real KVM guest (kvm-ioctls): real-mode code that writes a rising counter to an I/O port"
+    // The real KVM guest is replicated (Remus-style checkpoints with output commit): the backup
+    // resumes the source's guest rather than a fresh one. The simulation has no dirty log.
+    let replicate = kind == "kvm-dummy";
+    let guest_label = if replicate {
+        "a real KVM guest (kvm-ioctls) that writes a rising counter to an I/O port, replicated to \
+         the backup every 25 ms (checkpoints, output commit)"
     } else {
         "SIMULATED guest"
     };
@@ -330,20 +335,34 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
     let keys = KeyDir::new()?;
     let key = throwaway_key(&keys)?;
 
-    let src_pid = d.start(
-        Who::Source,
-        &[
-            "source",
-            "--listen",
+    let mut src_args = vec![
+        "source",
+        "--listen",
+        "127.0.0.1:0",
+        "--pair-id",
+        "demo",
+        "--psk-file",
+        &key,
+        "--vm",
+        kind,
+    ];
+    if replicate {
+        src_args.extend_from_slice(&[
+            "--guest-dirty-rate",
+            "1MiB/s",
+            "--checkpoint",
+            "25ms",
+            "--replica-listen",
             "127.0.0.1:0",
-            "--pair-id",
-            "demo",
-            "--psk-file",
-            &key,
-            "--vm",
-            kind,
-        ],
-    )?;
+        ]);
+    }
+    let src_pid = d.start(Who::Source, &src_args)?;
+    let replica_addr = if replicate {
+        let r = d.event(Who::Source, "replica-listening")?;
+        r["addr"].as_str().unwrap_or_default().to_string()
+    } else {
+        String::new()
+    };
     let l = d.event(Who::Source, "listening")?;
     let addr = l["addr"].as_str().unwrap_or_default().to_string();
     d.line(
@@ -352,22 +371,35 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
         &format!("listening on {addr}, pid {src_pid}"),
     );
 
-    let bak_pid = d.start(
-        Who::Backup,
-        &[
-            "backup",
-            "--connect",
-            &addr,
-            "--pair-id",
-            "demo",
-            "--psk-file",
-            &key,
-            "--vm",
-            kind,
-        ],
-    )?;
+    let mut bak_args = vec![
+        "backup",
+        "--connect",
+        &addr,
+        "--pair-id",
+        "demo",
+        "--psk-file",
+        &key,
+        "--vm",
+        kind,
+    ];
+    if replicate {
+        bak_args.extend_from_slice(&["--replica-from", &replica_addr]);
+    }
+    let bak_pid = d.start(Who::Backup, &bak_args)?;
     let armed = d.event(Who::Backup, "armed")?;
     armed_line(d, &armed, bak_pid);
+    if replicate {
+        let full = d.event(Who::Backup, "checkpoint-applied")?;
+        d.line(
+            us(&full, "at_unix_us"),
+            "backup",
+            &format!(
+                "full checkpoint applied to the paused standby: {} pages, guest counter {}",
+                us(&full, "pages"),
+                us(&full, "mark")
+            ),
+        );
+    }
 
     // Evidence before the fault: the source's guest runs, the backup's executes nothing.
     let sg = d.wait(Who::Source, "a running guest", |v| {
@@ -379,7 +411,8 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
         &format!("guest running, counter {}", counter(&sg)),
     );
     let bg = d.wait(Who::Backup, "its paused guest", |v| v["event"] == "guest")?;
-    if bg["running"] != false || counter(&bg) != 0 || us(&bg, "exits") != 0 {
+    // Replicated, the standby holds the source's state (its counter), but executes nothing.
+    if bg["running"] != false || (!replicate && counter(&bg) != 0) || us(&bg, "exits") != 0 {
         return Err(format!(
             "the backup's standby guest is not paused and idle: {bg}"
         ));
@@ -387,25 +420,35 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
     d.line(
         us(&bg, "at_unix_us"),
         "backup",
-        "standby guest paused: counter 0, 0 guest exits",
+        &if replicate {
+            format!(
+                "standby guest paused, holding the source's state (counter {}): 0 guest exits",
+                counter(&bg)
+            )
+        } else {
+            "standby guest paused: counter 0, 0 guest exits".to_string()
+        },
     );
 
+    // The highest output the source showed, for the output-commit check after a takeover.
+    let shown = Cell::new(counter(&sg));
     let (sig, name) = signal(fault);
     let fault_us = inject(d, src_pid, sig, name)?;
 
     match fault {
         Fault::Stop => {
             d.expect_stand_down()?;
-            return Ok(
+            return Ok(format!(
                 "orderly stop. The backup stood down and exited; its standby guest never \
-                 ran (counter stayed 0)."
-                    .to_string(),
-            );
+                 ran{}.",
+                if replicate { "" } else { " (counter stayed 0)" }
+            ));
         }
         Fault::Handoff => {
             let p = d.wait(Who::Source, "its paused guest", |v| {
                 v["event"] == "guest" && v["running"] == false
             })?;
+            shown.set(shown.get().max(counter(&p)));
             d.line(
                 us(&p, "at_unix_us"),
                 "source",
@@ -466,11 +509,16 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
     let g2 = d.wait(Who::Backup, "a rising counter", |v| {
         v["event"] == "guest" && counter(v) > counter(&g1)
     })?;
+    let from = if replicate {
+        us(&st, "checkpoint_mark")
+    } else {
+        0
+    };
     d.line(
         us(&g2, "at_unix_us"),
         "backup",
         &format!(
-            "guest counter 0 -> {} -> {}: {}",
+            "guest counter {from} -> {} -> {}: {}",
             counter(&g1),
             counter(&g2),
             if kind == "kvm-dummy" {
@@ -480,11 +528,38 @@ fn story(d: &mut Demo, fault: Fault) -> Result<String, String> {
             }
         ),
     );
+    let mut continued = String::new();
+    if replicate {
+        // Output commit: the resumed guest holds everything the source ever showed.
+        d.wait(Who::Source, "its end", |v| {
+            if v["event"] == "guest" {
+                shown.set(shown.get().max(counter(v)));
+            }
+            v["event"] == "exited"
+        })?;
+        if from < shown.get() {
+            return Err(format!(
+                "output taken back: the source showed counter {}, the backup resumed at {from}",
+                shown.get()
+            ));
+        }
+        d.line(
+            us(&st, "at_unix_us"),
+            "backup",
+            &format!(
+                "resumed the source's guest at checkpoint #{} (counter {from}; the source had \
+                 shown at most {}): the same guest continues, nothing it showed is taken back",
+                us(&st, "checkpoint_seq"),
+                shown.get()
+            ),
+        );
+        continued = format!(", continuing the source's guest from counter {from}");
+    }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(bak_pid, libc::SIGTERM) };
     Ok(format!(
         "takeover verified. Source got {name}; the backup took over {:.3} ms later \
-         ({reason}) and its guest runs.",
+         ({reason}) and its guest runs{continued}.",
         (detected - fault_us) as f64 / 1e3
     ))
 }

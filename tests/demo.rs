@@ -37,12 +37,29 @@ fn linux_guest_available() -> bool {
     }
 }
 
+/// With a real KVM guest the demo replicates it: the backup resumes the source's guest, at or
+/// above everything the source showed (the demo itself checks and fails otherwise).
+fn assert_continued(out: &str) {
+    if vmm_takeover_guest::DummyVm::probe().is_ok() {
+        assert!(
+            out.contains("full checkpoint applied to the paused standby"),
+            "{out}"
+        );
+        assert!(out.contains("nothing it showed is taken back"), "{out}");
+        assert!(
+            out.contains("continuing the source's guest from counter"),
+            "{out}"
+        );
+    }
+}
+
 #[test]
 fn demo_kill_takes_over_and_the_guest_runs() {
     let out = demo("kill");
     assert!(out.contains("reason peer-closed"), "{out}");
     assert!(out.contains("guest instructions execute"), "{out}");
     assert!(out.contains("RESULT: takeover verified"), "{out}");
+    assert_continued(&out);
 }
 
 #[test]
@@ -62,6 +79,7 @@ fn demo_handoff_pauses_then_takes_over() {
     assert!(out.contains("guest paused at counter"), "{out}");
     assert!(out.contains("reason handoff"), "{out}");
     assert!(out.contains("RESULT: takeover verified"), "{out}");
+    assert_continued(&out);
 }
 
 /// Without a usable /dev/kvm the demo says so and runs a clearly labelled simulation. /dev/kvm is
