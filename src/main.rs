@@ -62,8 +62,9 @@ pub mod exit {
     /// The backup's QEMU was receiving a live migration that did not complete: its image is
     /// incomplete and nothing was started.
     pub const INCOMPLETE: u8 = 9;
-    /// The backup replicates (`--replica-from`) but holds no checkpoint of the link it lost:
-    /// resuming would take back output the source released, so nothing was started.
+    /// The backup replicates (`--replica-from`) but holds no checkpoint of the link it lost (or,
+    /// with an arbiter, the replica of record names another link or cannot be read): resuming
+    /// could take back output the source released, so nothing was started.
     pub const NO_REPLICA: u8 = 10;
 }
 
