@@ -626,28 +626,27 @@ fn load_restore(ctx: &mut VcpuContext, counter: &mut WideCounter) -> Result<(), 
 
 /// Takes the posted job (if the caller has not withdrawn it), runs it, posts the result.
 #[cold]
-/// Runs the posted job; `true` if the guest parked itself after it.
-fn run_job(ctx: &mut VcpuContext, gate: &Gate) -> bool {
+/// Runs the posted job (the caller goes back to the top of its loop after it).
+fn run_job(ctx: &mut VcpuContext, gate: &Gate) {
     let jobs = &ctx.shared.jobs;
     let job = {
         let mut slot = relock(&jobs.slot);
         jobs.pending.store(false, Ordering::Release);
         let Some(job) = slot.request.take() else {
-            return false;
+            return;
         };
         slot.running = true;
         job
     };
-    let (result, parked) = match job {
+    let result = match job {
         Job::Capture { all, park } => {
             let r = capture_now(ctx, gate, all);
             // Paused before the caller hears of the capture: the state it holds is the state
             // the guest stays in.
-            let parked = park && r.is_ok();
-            if parked {
+            if park && r.is_ok() {
                 gate.park_self();
             }
-            (r, parked)
+            r
         }
     };
     let jobs = &ctx.shared.jobs;
@@ -655,7 +654,6 @@ fn run_job(ctx: &mut VcpuContext, gate: &Gate) -> bool {
     slot.running = false;
     slot.result = Some(result);
     jobs.done.notify_all();
-    parked
 }
 
 /// The capture itself, on the vCPU thread between two entries.

@@ -212,7 +212,7 @@ impl Session {
         out.extend_from_slice(&seq.to_be_bytes());
         frame.encode_payload(out);
         set_len(out, start, TAG_LEN);
-        let tag = self.tag(&out[start..]);
+        let tag = self.tag(&[&out[start..]]);
         out.extend_from_slice(&tag);
     }
 
@@ -227,71 +227,44 @@ impl Session {
         b[6..8].copy_from_slice(&((SEALED_HEARTBEAT_LEN - HEADER_LEN) as u16).to_be_bytes());
         b[8..16].copy_from_slice(&seq.to_be_bytes());
         b[16..BODY].copy_from_slice(&tick.to_be_bytes());
-        let tag = self.tag(&b[..BODY]);
+        let tag = self.tag(&[&b[..BODY]]);
         b[BODY..].copy_from_slice(&tag);
         b
     }
 
-    fn tag(&self, sealed_part: &[u8]) -> [u8; TAG_LEN] {
+    /// The tag of what `parts`, in order, make up (zeros without a key).
+    fn tag(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
         let mut tag = [0u8; TAG_LEN];
         if let Some(mac) = &self.tx {
-            let full = mac.clone().chain_update(sealed_part).finalize();
-            tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
+            let mut mac = mac.clone();
+            for p in parts {
+                mac.update(p);
+            }
+            tag.copy_from_slice(&mac.finalize().as_bytes()[..TAG_LEN]);
         }
         tag
     }
 
-    /// Seals an opaque `body` for a stream that runs its own framing after this session's
-    /// handshake (the replication stream): returns its sequence number and tag. The tag covers
-    /// a domain label, the sequence number, the body's length and the body, under this
-    /// direction's session key; sequence numbers are shared with [`Session::seal`].
-    pub fn seal_data(&mut self, body: &[u8]) -> (u64, [u8; TAG_LEN]) {
-        let seq = self.take_seq();
-        let mut tag = [0u8; TAG_LEN];
-        if let Some(mac) = &self.tx {
-            let full = mac
-                .clone()
-                .chain_update(DATA_DOMAIN)
-                .chain_update(seq.to_be_bytes())
-                .chain_update((body.len() as u64).to_be_bytes())
-                .chain_update(body)
-                .finalize();
-            tag.copy_from_slice(&full.as_bytes()[..TAG_LEN]);
-        }
-        (seq, tag)
-    }
-
-    /// Checks an opaque body sealed by the peer's [`Session::seal_data`]: the tag (in constant
-    /// time), then that `seq` is exactly the next one. After an error the session refuses
-    /// everything, as with [`Session::open`].
-    pub fn open_data(&mut self, seq: u64, body: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
-        if let Some(why) = self.failed {
-            return Err(ProtocolError::SessionClosed(why));
-        }
-        let r = self.open_data_inner(seq, body, tag);
-        if r.is_err() {
-            self.failed = Some("an earlier frame was refused");
-        }
-        r
-    }
-
-    fn open_data_inner(&mut self, seq: u64, body: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
-        let kind = Kind::Data;
+    /// Checks a received tag over `parts` (in constant time), then that `seq` is exactly the next
+    /// sequence number, and moves past it. `what` names the frame for the insecure-mode error.
+    fn accept(
+        &mut self,
+        kind: Kind,
+        seq: u64,
+        parts: &[&[u8]],
+        tag: &[u8],
+        what: &'static str,
+    ) -> Result<(), ProtocolError> {
         match &self.rx {
-            Some(mac) => mac
-                .clone()
-                .chain_update(DATA_DOMAIN)
-                .chain_update(seq.to_be_bytes())
-                .chain_update((body.len() as u64).to_be_bytes())
-                .chain_update(body)
-                .verify_truncated_left(tag)
-                .map_err(|_| ProtocolError::BadMac { kind, seq })?,
-            None if tag.iter().any(|&b| b != 0) => {
-                return Err(ProtocolError::AuthMode(
-                    "a data frame carries a tag, but this link runs without authentication \
-                     (--insecure-no-auth)",
-                ))
+            Some(mac) => {
+                let mut mac = mac.clone();
+                for p in parts {
+                    mac.update(p);
+                }
+                mac.verify_truncated_left(tag)
+                    .map_err(|_| ProtocolError::BadMac { kind, seq })?;
             }
+            None if tag.iter().any(|&b| b != 0) => return Err(ProtocolError::AuthMode(what)),
             None => {}
         }
         let Some(expected) = self.rx_next else {
@@ -315,6 +288,43 @@ impl Session {
         }
         self.rx_next = expected.checked_add(1);
         Ok(())
+    }
+
+    /// Seals an opaque `body` for a stream that runs its own framing after this session's
+    /// handshake (the replication stream): returns its sequence number and tag. The tag covers
+    /// a domain label, the sequence number, the body's length and the body, under this
+    /// direction's session key; sequence numbers are shared with [`Session::seal`].
+    pub fn seal_data(&mut self, body: &[u8]) -> (u64, [u8; TAG_LEN]) {
+        let seq = self.take_seq();
+        let len = (body.len() as u64).to_be_bytes();
+        let tag = self.tag(&[DATA_DOMAIN, &seq.to_be_bytes(), &len, body]);
+        (seq, tag)
+    }
+
+    /// Checks an opaque body sealed by the peer's [`Session::seal_data`]: the tag (in constant
+    /// time), then that `seq` is exactly the next one. After an error the session refuses
+    /// everything, as with [`Session::open`].
+    pub fn open_data(&mut self, seq: u64, body: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
+        if let Some(why) = self.failed {
+            return Err(ProtocolError::SessionClosed(why));
+        }
+        let r = self.open_data_inner(seq, body, tag);
+        if r.is_err() {
+            self.failed = Some("an earlier frame was refused");
+        }
+        r
+    }
+
+    fn open_data_inner(&mut self, seq: u64, body: &[u8], tag: &[u8]) -> Result<(), ProtocolError> {
+        let len = (body.len() as u64).to_be_bytes();
+        self.accept(
+            Kind::Data,
+            seq,
+            &[DATA_DOMAIN, &seq.to_be_bytes(), &len, body],
+            tag,
+            "a data frame carries a tag, but this link runs without authentication \
+             (--insecure-no-auth)",
+        )
     }
 
     /// Opens one whole sealed frame (as [`super::Reader::next_frame`] hands it over): checks the
@@ -352,40 +362,14 @@ impl Session {
         seq.copy_from_slice(&payload[..SEQ_LEN]);
         let seq = u64::from_be_bytes(seq);
         let (covered, tag) = frame.split_at(frame.len() - TAG_LEN);
-        match &self.rx {
-            Some(mac) => mac
-                .clone()
-                .chain_update(covered)
-                .verify_truncated_left(tag)
-                .map_err(|_| ProtocolError::BadMac { kind, seq })?,
-            None if tag.iter().any(|&b| b != 0) => {
-                return Err(ProtocolError::AuthMode(
-                    "a sealed frame carries a tag, but this link runs without authentication \
-                     (--insecure-no-auth)",
-                ))
-            }
-            None => {}
-        }
-        let Some(expected) = self.rx_next else {
-            return Err(ProtocolError::SessionClosed(
-                "the sequence numbers are used up",
-            ));
-        };
-        if seq < expected {
-            return Err(ProtocolError::Replayed {
-                kind,
-                got: seq,
-                expected,
-            });
-        }
-        if seq > expected {
-            return Err(ProtocolError::Skipped {
-                kind,
-                got: seq,
-                expected,
-            });
-        }
-        self.rx_next = expected.checked_add(1);
+        self.accept(
+            kind,
+            seq,
+            &[covered],
+            tag,
+            "a sealed frame carries a tag, but this link runs without authentication \
+             (--insecure-no-auth)",
+        )?;
         Frame::decode(kind, &payload[SEQ_LEN..payload.len() - TAG_LEN])
     }
 }
