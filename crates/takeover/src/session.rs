@@ -207,19 +207,9 @@ impl ArbiterSession {
         link: &str,
         timeout: Duration,
     ) -> Result<(), ArbiterError> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Cmd::SetReplica(
-            pair.into(),
-            epoch,
-            link.into(),
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        ));
-        rx.recv_timeout(timeout).unwrap_or_else(|_| {
-            Err(ArbiterError::Unavailable(format!(
-                "no answer from the arbiter within {timeout:?}"
-            )))
+        let (pair, link) = (pair.to_string(), link.to_string());
+        self.wait_for(timeout, |r| {
+            self.send(Cmd::SetReplica(pair, epoch, link, r))
         })
     }
 
@@ -230,18 +220,7 @@ impl ArbiterSession {
         pair: &str,
         timeout: Duration,
     ) -> Result<Option<String>, ArbiterError> {
-        let (tx, rx) = mpsc::channel();
-        self.send(Cmd::Replica(
-            pair.into(),
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        ));
-        rx.recv_timeout(timeout).unwrap_or_else(|_| {
-            Err(ArbiterError::Unavailable(format!(
-                "no answer from the arbiter within {timeout:?}"
-            )))
-        })
+        self.wait_for(timeout, |r| self.send(Cmd::Replica(pair.into(), r)))
     }
 
     /// Renews the lease now rather than at its rhythm; the outcome comes as a [`SessionEvent`].
@@ -252,10 +231,20 @@ impl ArbiterSession {
     /// [`acquire`](Self::acquire), waiting for the answer at most `timeout`. For start-up only:
     /// never call it on an event loop.
     pub fn acquire_blocking(&self, pair: &str, timeout: Duration) -> Result<Acquire, ArbiterError> {
+        self.wait_for(timeout, |r| self.acquire(pair, Instant::now(), r))
+    }
+
+    /// Makes a request with `ask`, whose reply it waits for at most `timeout` (then the arbiter
+    /// counts as unavailable).
+    fn wait_for<T: Send + 'static>(
+        &self,
+        timeout: Duration,
+        ask: impl FnOnce(Reply<T>),
+    ) -> Result<T, ArbiterError> {
         let (tx, rx) = mpsc::channel();
-        self.acquire(pair, Instant::now(), move |r| {
+        ask(Box::new(move |r| {
             let _ = tx.send(r);
-        });
+        }));
         rx.recv_timeout(timeout).unwrap_or_else(|_| {
             Err(ArbiterError::Unavailable(format!(
                 "no answer from the arbiter within {timeout:?}"
