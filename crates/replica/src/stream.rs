@@ -127,23 +127,22 @@ impl Stream {
     }
 }
 
-/// Reads exactly `buf.len()` bytes before `deadline`.
-fn read_exact_by(
+/// One read before `deadline`: the bytes read, never 0 (the peer's close is an error).
+fn read_some(
     sock: &mut TcpStream,
     buf: &mut [u8],
     deadline: Instant,
     timeout: Duration,
-) -> Result<(), StreamError> {
-    let mut got = 0;
-    while got < buf.len() {
+) -> Result<usize, StreamError> {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(StreamError::Timeout(timeout));
         }
         sock.set_read_timeout(Some(left))?;
-        match sock.read(&mut buf[got..]) {
+        match sock.read(buf) {
             Ok(0) => return Err(StreamError::Closed),
-            Ok(n) => got += n,
+            Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -156,6 +155,19 @@ fn read_exact_by(
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`.
+fn read_exact_by(
+    sock: &mut TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), StreamError> {
+    let mut got = 0;
+    while got < buf.len() {
+        got += read_some(sock, &mut buf[got..], deadline, timeout)?;
+    }
     Ok(())
 }
 
@@ -166,30 +178,13 @@ fn read_handshake(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<Vec<u8>, StreamError> {
+    let mut buf = [0u8; 1024];
     loop {
         if let Some(f) = reader.next_handshake()? {
             return Ok(f);
         }
-        let mut buf = [0u8; 1024];
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(StreamError::Timeout(timeout));
-        }
-        sock.set_read_timeout(Some(left))?;
-        match sock.read(&mut buf) {
-            Ok(0) => return Err(StreamError::Closed),
-            Ok(n) => reader.push(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(StreamError::Timeout(timeout))
-            }
-            Err(e) => return Err(e.into()),
-        }
+        let n = read_some(sock, &mut buf, deadline, timeout)?;
+        reader.push(&buf[..n]);
     }
 }
 
