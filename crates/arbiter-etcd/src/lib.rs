@@ -244,6 +244,44 @@ impl EtcdArbiter {
     ) -> Result<TxnResponse, ArbiterError> {
         self.client.call(deadline, "/v3/kv/txn", &body)
     }
+
+    /// In one txn: if the owner key of `pair` is still this session's ownership under `epoch`
+    /// (same `create_revision`, same lease), do `ops`. The answer's range 0 is the owner key
+    /// (read when the compare failed), then `also` in order. An epoch that cannot be one is
+    /// refused with the current owner, without a txn.
+    fn owned_txn(
+        &mut self,
+        pair: &str,
+        epoch: u64,
+        ops: Vec<serde_json::Value>,
+        also: &[&str],
+    ) -> Result<TxnResponse, ArbiterError> {
+        let s = self.session()?;
+        let deadline = self.deadline();
+        let owner_key = self.owner_key(pair);
+        let Some(rev) = valid_epoch(epoch) else {
+            let current = self.owner_now(deadline, &owner_key)?;
+            return Err(ArbiterError::NotOwner(current));
+        };
+        let mut reads = vec![op_range(&owner_key)];
+        reads.extend(also.iter().map(|k| op_range(k)));
+        self.txn(
+            deadline,
+            txn(
+                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
+                ops,
+                reads,
+            ),
+        )
+    }
+
+    /// The owner in a failed [`owned_txn`](Self::owned_txn)'s answer.
+    fn owner_in(r: &TxnResponse) -> Result<Option<Ownership>, ArbiterError> {
+        r.range_kv(0)
+            .map_err(protocol)?
+            .map(Self::ownership)
+            .transpose()
+    }
 }
 
 fn epoch_of(revision: i64) -> Result<u64, ArbiterError> {
@@ -437,67 +475,34 @@ impl Arbiter for EtcdArbiter {
     /// Deletes the owner key if it still is this session's ownership under `epoch` (same
     /// `create_revision`, same lease), in one txn.
     fn release(&mut self, pair: &str, epoch: u64) -> Result<(), ArbiterError> {
-        let s = self.session()?;
-        let deadline = self.deadline();
         let owner_key = self.owner_key(pair);
-        let Some(rev) = valid_epoch(epoch) else {
-            let current = self.owner_now(deadline, &owner_key)?;
-            return Err(ArbiterError::NotOwner(current));
-        };
-        let r = self.txn(
-            deadline,
-            txn(
-                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
-                vec![op_delete(&owner_key)],
-                vec![op_range(&owner_key)],
-            ),
-        )?;
+        let r = self.owned_txn(pair, epoch, vec![op_delete(&owner_key)], &[])?;
         if r.succeeded {
             return Ok(());
         }
-        let current = r
-            .range_kv(0)
-            .map_err(protocol)?
-            .map(Self::ownership)
-            .transpose()?;
-        Err(ArbiterError::NotOwner(current))
+        Err(ArbiterError::NotOwner(Self::owner_in(&r)?))
     }
 
     /// In one txn: if the owner key is still this session's ownership under `epoch`, delete it
     /// and put the handover key (successor's name, this session's lease).
     fn hand_over(&mut self, pair: &str, epoch: u64, successor: &str) -> Result<(), ArbiterError> {
-        let s = self.session()?;
-        let deadline = self.deadline();
+        let lease = self.session()?.lease;
         let owner_key = self.owner_key(pair);
         let handover_key = self.handover_key(pair);
-        let Some(rev) = valid_epoch(epoch) else {
-            let current = self.owner_now(deadline, &owner_key)?;
-            return Err(ArbiterError::NotOwner(current));
-        };
-        let r = self.txn(
-            deadline,
-            txn(
-                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
-                vec![
-                    op_delete(&owner_key),
-                    op_put(&handover_key, successor, s.lease),
-                ],
-                vec![op_range(&owner_key), op_range(&handover_key)],
-            ),
-        )?;
+        let ops = vec![
+            op_delete(&owner_key),
+            op_put(&handover_key, successor, lease),
+        ];
+        let r = self.owned_txn(pair, epoch, ops, &[&handover_key])?;
         if r.succeeded {
             return Ok(());
         }
-        let owner = r
-            .range_kv(0)
-            .map_err(protocol)?
-            .map(Self::ownership)
-            .transpose()?;
+        let owner = Self::owner_in(&r)?;
         let handover = r.range_kv(1).map_err(protocol)?;
         // Our own earlier try got through (its answer was lost, this is the retry): done.
         if owner.is_none() {
             if let Some(kv) = handover {
-                if kv.lease == s.lease && unb64(&kv.value).map_err(protocol)? == successor {
+                if kv.lease == lease && unb64(&kv.value).map_err(protocol)? == successor {
                     return Ok(());
                 }
             }
@@ -530,30 +535,12 @@ impl Arbiter for EtcdArbiter {
     /// In one txn: if the owner key is still this session's ownership under `epoch`, put the
     /// replica key (no lease: a backup reads it after this owner is gone).
     fn set_replica(&mut self, pair: &str, epoch: u64, link: &str) -> Result<(), ArbiterError> {
-        let s = self.session()?;
-        let deadline = self.deadline();
-        let owner_key = self.owner_key(pair);
-        let Some(rev) = valid_epoch(epoch) else {
-            let current = self.owner_now(deadline, &owner_key)?;
-            return Err(ArbiterError::NotOwner(current));
-        };
-        let r = self.txn(
-            deadline,
-            txn(
-                vec![cmp_create(&owner_key, rev), cmp_lease(&owner_key, s.lease)],
-                vec![op_put(&self.replica_key(pair), link, 0)],
-                vec![op_range(&owner_key)],
-            ),
-        )?;
+        let ops = vec![op_put(&self.replica_key(pair), link, 0)];
+        let r = self.owned_txn(pair, epoch, ops, &[])?;
         if r.succeeded {
             return Ok(());
         }
-        let current = r
-            .range_kv(0)
-            .map_err(protocol)?
-            .map(Self::ownership)
-            .transpose()?;
-        Err(ArbiterError::NotOwner(current))
+        Err(ArbiterError::NotOwner(Self::owner_in(&r)?))
     }
 
     fn replica(&mut self, pair: &str) -> Result<Option<String>, ArbiterError> {

@@ -209,7 +209,7 @@ impl ArbiterSession {
     ) -> Result<(), ArbiterError> {
         let (pair, link) = (pair.to_string(), link.to_string());
         self.wait_for(timeout, |r| {
-            self.send(Cmd::SetReplica(pair, epoch, link, r))
+            self.send(Cmd::SetReplica(pair, epoch, link, r));
         })
     }
 
