@@ -7,31 +7,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::skip;
+use common::vm_or_skip;
 use vmm_takeover_guest::{DummyVm, DummyVmConfig, GuestStateError, KvmDummyError, PAGE_SIZE};
 
 /// Generous bound for events that normally take microseconds (loaded CI machines).
 const EVENT_BOUND: Duration = Duration::from_secs(10);
 /// The data area the guest dirties starts at 64 KiB.
 const FIRST_DATA_PAGE: u32 = 0x1_0000 / PAGE_SIZE as u32;
-
-/// A paused dummy VM built from `cfg`, or `None` (after printing why) when `/dev/kvm` cannot be
-/// opened.
-fn vm_or_skip(cfg: DummyVmConfig) -> Option<DummyVm> {
-    match DummyVm::with_config(cfg) {
-        Ok(vm) => Some(vm),
-        Err(
-            e @ (KvmDummyError::KvmMissing
-            | KvmDummyError::KvmPermission
-            | KvmDummyError::KvmNoDevice(_)
-            | KvmDummyError::KvmOpen(_)),
-        ) => {
-            skip(e);
-            None
-        }
-        Err(e) => panic!("cannot create the dummy VM although /dev/kvm opened: {e}"),
-    }
-}
 
 fn dirtying(mem_size: usize, dirty_rate: u64) -> DummyVmConfig {
     DummyVmConfig {

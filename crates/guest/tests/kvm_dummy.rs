@@ -6,28 +6,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{record, skip};
+use common::record;
 use vmm_takeover_core::{TakeoverReason, VmPause, VmStart};
-use vmm_takeover_guest::{DummyVm, GuestStateError, KvmDummyError};
+use vmm_takeover_guest::{DummyVm, DummyVmConfig, GuestStateError};
 
 /// Generous bound for events that normally take microseconds (loaded CI machines).
 const EVENT_BOUND: Duration = Duration::from_secs(10);
 
-/// A paused dummy VM, or `None` (after printing why) when `/dev/kvm` cannot be opened.
+/// A paused dummy VM of the default shape (as `DummyVm::new`), or `None` without `/dev/kvm`.
 fn vm_or_skip() -> Option<DummyVm> {
-    match DummyVm::new() {
-        Ok(vm) => Some(vm),
-        Err(
-            e @ (KvmDummyError::KvmMissing
-            | KvmDummyError::KvmPermission
-            | KvmDummyError::KvmNoDevice(_)
-            | KvmDummyError::KvmOpen(_)),
-        ) => {
-            skip(e);
-            None
-        }
-        Err(e) => panic!("cannot create the dummy VM although /dev/kvm opened: {e}"),
-    }
+    common::vm_or_skip(DummyVmConfig::default())
 }
 
 #[test]

@@ -3,13 +3,17 @@
 //! from the last acknowledged checkpoint of the lost link, never from a partial one, never from
 //! another link's, and never below the output the source released.
 
+// The guest crate's test helpers (the visible skip, the dummy VM or a skip).
+#[path = "../../guest/tests/common/mod.rs"]
+mod guest_common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use vmm_takeover_core::auth::{Credentials, Key, KeyRing, LinkId};
 use vmm_takeover_core::{TakeoverReason, TakeoverRecord, VmStart};
-use vmm_takeover_guest::{DummyVm, DummyVmConfig, KvmDummyError};
+use vmm_takeover_guest::{DummyVm, DummyVmConfig};
 use vmm_takeover_replica::{
     BackupReplicaConfig, EventSink, Fault, NoReplica, Recorder, ReplicaBackup, ReplicaEvent,
     ReplicaSource, ReplicaStart, SourceReplicaConfig,
@@ -18,33 +22,14 @@ use vmm_takeover_replica::{
 const BOUND: Duration = Duration::from_secs(20);
 const PAIR: &str = "replica-test";
 
-fn skip(why: impl std::fmt::Display) {
-    println!("SKIPPED: {why}");
-    eprintln!("SKIPPED: {why}");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true, so this may not be skipped: {why}");
-    }
-}
-
+/// A 4 MiB dirty-logging guest, or `None` (said as `SKIPPED`, failing under `CI=true`) without
+/// `/dev/kvm`.
 fn vm(dirty_rate: u64) -> Option<DummyVm> {
-    let cfg = DummyVmConfig {
+    guest_common::vm_or_skip(DummyVmConfig {
         mem_size: 4 << 20,
         dirty_rate,
         dirty_log: true,
-    };
-    match DummyVm::with_config(cfg) {
-        Ok(vm) => Some(vm),
-        Err(
-            e @ (KvmDummyError::KvmMissing
-            | KvmDummyError::KvmPermission
-            | KvmDummyError::KvmNoDevice(_)
-            | KvmDummyError::KvmOpen(_)),
-        ) => {
-            skip(e);
-            None
-        }
-        Err(e) => panic!("cannot create the dummy VM: {e}"),
-    }
+    })
 }
 
 fn creds() -> Credentials {

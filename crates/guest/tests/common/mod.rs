@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use vmm_takeover_core::{TakeoverReason, TakeoverRecord};
+use vmm_takeover_guest::{DummyVm, DummyVmConfig, KvmDummyError};
 
 /// Says why a test (or benchmark row) cannot run here: prints `SKIPPED: why` on stdout and
 /// stderr (visible with and without output capture), and **panics** when `CI=true`, where
@@ -17,6 +18,24 @@ pub fn skip(why: impl std::fmt::Display) {
     eprintln!("SKIPPED: {why}");
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true, so this may not be skipped: {why}");
+    }
+}
+
+/// A paused dummy VM built from `cfg`, or `None` (after [`skip`] said why) when `/dev/kvm`
+/// cannot be opened; any other failure is the test's.
+pub fn vm_or_skip(cfg: DummyVmConfig) -> Option<DummyVm> {
+    match DummyVm::with_config(cfg) {
+        Ok(vm) => Some(vm),
+        Err(
+            e @ (KvmDummyError::KvmMissing
+            | KvmDummyError::KvmPermission
+            | KvmDummyError::KvmNoDevice(_)
+            | KvmDummyError::KvmOpen(_)),
+        ) => {
+            skip(e);
+            None
+        }
+        Err(e) => panic!("cannot create the dummy VM although /dev/kvm opened: {e}"),
     }
 }
 
